@@ -1,0 +1,29 @@
+"""fl_dp_lightning: federated learning with per-client DP-SGD as a PyTorch Lightning strategy."""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from fl_dp_lightning.callbacks import FederatedLogger, FederatedProgressBar
+from fl_dp_lightning.config import ClientConfig, ConfigError, DataConfig, PrivacyConfig
+from fl_dp_lightning.data import ClientDatasets, FederatedDataModule
+from fl_dp_lightning.models import LitClassifier, seed_cnn
+from fl_dp_lightning.privacy import epsilon_spent, make_accountant
+from fl_dp_lightning.strategy import FederatedDPStrategy
+
+if FederatedDPStrategy.strategy_name not in StrategyRegistry:
+    FederatedDPStrategy.register_strategies(StrategyRegistry)  # Trainer(strategy="federated_dp")
+
+__all__ = [
+    "ClientConfig",
+    "ClientDatasets",
+    "ConfigError",
+    "DataConfig",
+    "FederatedDPStrategy",
+    "FederatedDataModule",
+    "FederatedLogger",
+    "FederatedProgressBar",
+    "LitClassifier",
+    "PrivacyConfig",
+    "epsilon_spent",
+    "make_accountant",
+    "seed_cnn",
+]

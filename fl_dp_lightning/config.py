@@ -1,0 +1,172 @@
+"""Typed configuration: one dataclass per Hydra group, validated on construction.
+
+The same dataclasses are the Python API (``FederatedDPStrategy(privacy=PrivacyConfig(...))``) and the
+Hydra schema (registered in the ConfigStore by :func:`register_configs`), so a value is checked the same
+way whichever door it comes through. Every error names the full config key and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+DATA_SOURCES = ("mnist", "fashion_mnist", "synthetic")
+PARTITIONS = ("iid", "dirichlet")
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+LOSS_REDUCTIONS = ("mean", "sum")
+ACCELERATORS = ("cpu", "gpu")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key, the value and the fix."""
+
+
+def require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Raises :class:`ConfigError` ``"<key>=<value>: <rule>"`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+@dataclass
+class DataConfig:
+    """Which data set to train on and where it lives."""
+
+    name: str = "mnist"
+    """Data source: ``mnist``, ``fashion_mnist`` or ``synthetic``."""
+    root: str = "data"
+    """Directory for downloaded data sets (created on demand)."""
+    eval_batch_size: int = 1024
+    """Examples per validation/test batch (no privacy cost: evaluation sees only the shared test set)."""
+    synthetic_train_size: int = 2000
+    """Training examples of the ``synthetic`` source."""
+    synthetic_test_size: int = 500
+    """Test examples of the ``synthetic`` source."""
+
+    def __post_init__(self) -> None:
+        require(self.name in DATA_SOURCES, "data.name", self.name, f"unknown data set; choose one of {DATA_SOURCES}")
+        require(self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, "must be >= 1")
+        require(self.synthetic_train_size >= 1, "data.synthetic_train_size", self.synthetic_train_size, "must be >= 1")
+        require(self.synthetic_test_size >= 1, "data.synthetic_test_size", self.synthetic_test_size, "must be >= 1")
+
+
+@dataclass
+class ClientConfig:
+    """The data holders: how many, what they are called, how the data is split and who joins a round."""
+
+    count: int = 2
+    """Number of clients."""
+    names: list[str] = field(default_factory=lambda: ["alice", "bob"])
+    """Names of the first clients; clients past the list are called ``client_<index>``."""
+    partition: str = "iid"
+    """How the training set is split: ``iid`` (equal random shares) or ``dirichlet`` (label skew)."""
+    dirichlet_alpha: float = 0.5
+    """Concentration of the ``dirichlet`` partition (smaller is more skewed); unitless, > 0."""
+    fraction: float = 1.0
+    """Fraction of clients sampled to train in each round, in (0, 1]."""
+
+    def __post_init__(self) -> None:
+        require(self.count >= 1, "client.count", self.count, "need at least one client")
+        require(self.partition in PARTITIONS, "client.partition", self.partition, f"choose one of {PARTITIONS}")
+        require(self.dirichlet_alpha > 0, "client.dirichlet_alpha", self.dirichlet_alpha, "must be > 0")
+        require(0 < self.fraction <= 1, "client.fraction", self.fraction, "must be in (0, 1]")
+        names = self.client_names()
+        require(len(set(names)) == len(names), "client.names", self.names, "client names must be unique")
+
+    def client_names(self) -> list[str]:
+        """The ``count`` client names: ``names`` first, then ``client_<index>``."""
+        given = list(self.names)[: self.count]
+        return given + [f"client_{i}" for i in range(len(given), self.count)]
+
+
+@dataclass
+class PrivacyConfig:
+    """Record-level DP-SGD run by every client on its own data (Opacus)."""
+
+    enabled: bool = True
+    """False trains plain federated averaging (no clipping, no noise, no accounting), for comparison."""
+    noise_multiplier: float = 1.2
+    """Std of the Gaussian noise divided by ``max_grad_norm``; unitless, >= 0."""
+    max_grad_norm: float = 1.0
+    """Per-example gradient clipping bound (L2 norm, in gradient units); > 0."""
+    delta: float = 1e-5
+    """Target delta of the (epsilon, delta) guarantee; probability, in (0, 1)."""
+    accountant: str = "rdp"
+    """Privacy accountant: ``rdp``, ``prv`` or ``gdp`` (Opacus's implementations)."""
+    poisson_sampling: bool = True
+    """Sample each batch by including every record independently (the accounting assumes this)."""
+    loss_reduction: str = "mean"
+    """How the module's loss reduces over the batch (``mean`` or ``sum``); must match ``training_step``."""
+    secure_mode: bool = False
+    """Draw noise from a cryptographically secure RNG (Opacus secure mode; slower, not reproducible)."""
+
+    def __post_init__(self) -> None:
+        require(self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, "must be >= 0")
+        require(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "must be > 0")
+        require(0 < self.delta < 1, "privacy.delta", self.delta, "must be in (0, 1), e.g. 1e-5")
+        require(self.accountant in ACCOUNTANTS, "privacy.accountant", self.accountant, f"choose one of {ACCOUNTANTS}")
+        require(
+            self.loss_reduction in LOSS_REDUCTIONS,
+            "privacy.loss_reduction",
+            self.loss_reduction,
+            f"choose one of {LOSS_REDUCTIONS}",
+        )
+
+
+@dataclass
+class HardwareConfig:
+    """Where training runs."""
+
+    accelerator: str = "cpu"
+    """``cpu`` or ``gpu`` (CUDA)."""
+    devices: int = 1
+    """Number of devices (processes); more than one needs the multi-process strategy."""
+
+    def __post_init__(self) -> None:
+        require(self.accelerator in ACCELERATORS, "hardware.accelerator", self.accelerator, f"choose {ACCELERATORS}")
+        require(self.devices >= 1, "hardware.devices", self.devices, "must be >= 1")
+
+
+@dataclass
+class TrainerConfig:
+    """The federated schedule and the Lightning Trainer's settings."""
+
+    rounds: int = 5
+    """Federated rounds (one Lightning epoch each)."""
+    local_epochs: int = 1
+    """Passes over its own data that each client makes per round (expected, under Poisson sampling)."""
+    batch_size: int = 128
+    """Expected examples per client batch (sample rate = batch_size / client data size)."""
+    seed: int = 0
+    """Seed of model init, partition, sampling and noise."""
+    progress_bar: bool = True
+    """Show Lightning's progress bar."""
+    log_every_n_steps: int = 10
+    """How often (in optimizer steps) Lightning logs step metrics."""
+    ckpt_path: str | None = None
+    """Checkpoint to resume from (``null`` starts fresh)."""
+
+    def __post_init__(self) -> None:
+        require(self.rounds >= 1, "trainer.rounds", self.rounds, "must be >= 1")
+        require(self.local_epochs >= 1, "trainer.local_epochs", self.local_epochs, "must be >= 1")
+        require(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "must be >= 1")
+        require(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", self.log_every_n_steps, "must be >= 1")
+
+
+@dataclass
+class Config:
+    """The whole run, as ``train.py`` composes it."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    model: Any = field(default_factory=lambda: {"_target_": "fl_dp_lightning.models.LitClassifier"})
+    """Hydra ``_target_`` spec of the LightningModule to train (any module; ``lr`` etc. as keys)."""
+
+
+def register_configs() -> None:
+    """Registers :class:`Config` as Hydra's ``schema`` so every override is type-checked."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=Config)

@@ -1,0 +1,402 @@
+"""FederatedDPStrategy: one Lightning epoch is one round of federated DP-SGD.
+
+Lightning trains one model instance. The strategy serves each round's batches client after client
+(the batch index says whose batch it is, so Lightning's prefetching does not matter); at a client's first
+batch it loads the global weights and switches the DP optimizer to that client's noise stream and
+accountant; after the client's last optimizer step it adds the client's weights to a running FedAvg;
+after the round's last step it loads the average, so that validation and checkpoints see the global model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.types import _DEVICE
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.data import extract_batch_size
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from torch import Tensor
+from typing_extensions import override
+
+from fl_dp_lightning.aggregation import RunningAverage
+from fl_dp_lightning.config import PrivacyConfig
+from fl_dp_lightning.data.datamodule import ClientDatasets
+from fl_dp_lightning.strategy.client import ClientState, ClientReport, make_client
+from fl_dp_lightning.strategy.sampling import take_batch
+from fl_dp_lightning.strategy.schedule import RoundPlan, clients_per_round, plan_round
+
+CHECKPOINT_KEY = "fl_dp_lightning"
+
+
+class FederatedDPStrategy(SingleDeviceStrategy):
+    """Federated averaging over named clients, each training with DP-SGD (Opacus) on its own data.
+
+    Use with :class:`~fl_dp_lightning.FederatedDataModule` (or any ``train_dataloader`` that returns
+    :class:`~fl_dp_lightning.data.ClientDatasets`); the LightningModule needs no change.
+
+    Args:
+        privacy: DP-SGD settings; ``PrivacyConfig(enabled=False)`` trains plain federated averaging.
+        local_epochs: passes each client makes over its own data per round.
+        client_fraction: fraction of clients sampled to train in each round, in (0, 1].
+        seed: seed of the client sampling, the batch sampling and the noise streams.
+        device: the device to train on; by default the accelerator's first device.
+        log_rounds: add a :class:`~fl_dp_lightning.callbacks.FederatedLogger` when the Trainer has none.
+    """
+
+    strategy_name = "federated_dp"
+
+    def __init__(
+        self,
+        *,
+        privacy: PrivacyConfig | None = None,
+        local_epochs: int = 1,
+        client_fraction: float = 1.0,
+        seed: int = 0,
+        device: _DEVICE | None = None,
+        log_rounds: bool = True,
+        **kwargs: Any,
+    ):
+        super().__init__(device=device if device is not None else "cpu", **kwargs)
+        if local_epochs < 1:
+            raise ValueError(f"local_epochs={local_epochs}: must be >= 1")
+        if not 0 < client_fraction <= 1:
+            raise ValueError(f"client_fraction={client_fraction}: must be in (0, 1]")
+        self.privacy = privacy if privacy is not None else PrivacyConfig()
+        self.local_epochs = local_epochs
+        self.client_fraction = client_fraction
+        self.seed = seed
+        self.log_rounds = log_rounds
+        self._device_given = device is not None
+        self.clients: dict[str, ClientState] = {}
+        self.last_round: list[ClientReport] = []
+        self._dp_optimizer: DPOptimizer | None = None
+        self._grad_sample_module: GradSampleModule | None = None
+        self._restored: dict[str, Any] | None = None
+        self._plan: RoundPlan | None = None
+        self._global_state: dict[str, Tensor] = {}
+        self._average = RunningAverage()
+        self._client: ClientState | None = None
+        self._metric_sums: dict[str, Tensor] = {}
+        self._batch_idx = -1
+        self._empty_batch = False
+
+    # ----------------------------------------------------------------- setup
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        if not self._device_given and isinstance(self.accelerator, CUDAAccelerator):
+            return torch.device("cuda", torch.cuda.current_device())
+        return self._root_device
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._check_trainer(trainer)
+        super().setup(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if len(self.optimizers) != 1:
+            raise ValueError(
+                f"FederatedDPStrategy trains with exactly one optimizer; configure_optimizers returned "
+                f"{len(self.optimizers)}. Return a single optimizer."
+            )
+        if self.privacy.enabled:
+            self._make_private()
+        if self.log_rounds:
+            from fl_dp_lightning.callbacks import FederatedLogger
+
+            if not any(isinstance(cb, FederatedLogger) for cb in trainer.callbacks):
+                trainer.callbacks.append(FederatedLogger())
+
+    def _check_trainer(self, trainer: pl.Trainer) -> None:
+        """Refuses Trainer settings that would break a round or the privacy accounting, before training."""
+        module = self.lightning_module
+        problems = []
+        if not module.automatic_optimization:
+            problems.append(
+                "manual optimization is not supported: the strategy must own each optimizer step to clip, "
+                "noise and account it; use automatic optimization (self.automatic_optimization = True)"
+            )
+        if trainer.accumulate_grad_batches != 1:
+            problems.append(
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches}: every step is accounted as one "
+                "DP step; raise the batch size instead"
+            )
+        if self.privacy.enabled and trainer.gradient_clip_val:
+            problems.append(
+                f"gradient_clip_val={trainer.gradient_clip_val}: DP-SGD already clips each example's gradient "
+                "at privacy.max_grad_norm; remove gradient_clip_val"
+            )
+        if trainer.limit_train_batches not in (1.0, None):
+            problems.append(
+                f"limit_train_batches={trainer.limit_train_batches}: a round must run every client's steps; "
+                "use fewer local epochs or a larger batch size"
+            )
+        if trainer.val_check_interval != 1.0:
+            problems.append(
+                f"val_check_interval={trainer.val_check_interval}: validation runs on the global model "
+                "after each round; leave it at 1.0"
+            )
+        if problems:
+            raise ValueError("FederatedDPStrategy cannot train with these settings:\n- " + "\n- ".join(problems))
+
+    def _make_private(self) -> None:
+        """Wraps the module for per-sample gradients and the optimizer for clipping and noise."""
+        module = self.lightning_module
+        errors = ModuleValidator.validate(module, strict=False)
+        if errors:
+            listed = "; ".join(str(e) for e in errors)
+            raise ValueError(
+                f"{type(module).__name__} has layers DP-SGD cannot train: {listed}. Fix: replace them "
+                "(e.g. opacus.validators.ModuleValidator.fix(model) turns BatchNorm into GroupNorm)."
+            )
+        # Hooks go on the module's own layers; Lightning keeps calling the LightningModule itself.
+        self._grad_sample_module = GradSampleModule(
+            module, batch_first=True, loss_reduction=self.privacy.loss_reduction, strict=True
+        )
+        self._dp_optimizer = DPOptimizer(
+            self.optimizers[0],
+            noise_multiplier=self.privacy.noise_multiplier,
+            max_grad_norm=self.privacy.max_grad_norm,
+            expected_batch_size=1,  # set per client in _begin_client
+            loss_reduction=self.privacy.loss_reduction,
+            secure_mode=self.privacy.secure_mode,
+        )
+        self.optimizers = [self._dp_optimizer]
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        if isinstance(dataloader, ClientDatasets):
+            self._bind_clients(dataloader)
+            return _RoundIterable(self)
+        trainer = self.lightning_module.trainer
+        if trainer.state.stage == RunningStage.TRAINING:
+            raise TypeError(
+                f"FederatedDPStrategy needs per-client training data, got {type(dataloader).__name__}: use "
+                "FederatedDataModule, or return ClientDatasets({client: dataset}, batch_size) from "
+                "train_dataloader()."
+            )
+        return dataloader
+
+    def _bind_clients(self, data: ClientDatasets) -> None:
+        if self.clients:
+            if list(self.clients) != list(data.datasets):
+                raise ValueError(f"clients changed during training: {list(self.clients)} -> {list(data.datasets)}")
+            return
+        if not self.privacy.poisson_sampling and self.privacy.enabled:
+            warnings.warn(
+                "privacy.poisson_sampling=False: batches are shuffled, but the privacy accounting assumes "
+                "Poisson sampling, so the reported epsilon is not a proven guarantee.",
+                stacklevel=2,
+            )
+        self.clients = {
+            name: make_client(
+                name,
+                index,
+                dataset,
+                batch_size=data.batch_size,
+                privacy=self.privacy,
+                local_epochs=self.local_epochs,
+                seed=self.seed,
+                device=self.root_device,
+            )
+            for index, (name, dataset) in enumerate(data.datasets.items())
+        }
+        if self._restored is not None:
+            self._load_clients(self._restored)
+
+    # ------------------------------------------------------------ one round
+
+    def round_length(self) -> int | None:
+        """Batches in every round, or ``None`` when it varies with the sampled clients."""
+        steps = sorted(c.steps_per_round for c in self.clients.values())
+        m = clients_per_round(len(steps), self.client_fraction)
+        if m == len(steps) or steps[0] == steps[-1]:
+            return sum(steps[-m:])
+        return None
+
+    def round_batches(self) -> Iterator[Any]:
+        """The current round's batches, client after client (starts the round when first advanced)."""
+        plan = self._start_round()
+        for name, _ in plan.segments:
+            client = self.clients[name]
+            for indices in client.batch_indices():
+                yield take_batch(client.dataset, indices)
+
+    def _start_round(self) -> RoundPlan:
+        steps = {name: c.steps_per_round for name, c in self.clients.items()}
+        self._plan = plan_round(steps, self.client_fraction, self.lightning_module.trainer.current_epoch, self.seed)
+        self._global_state = {k: v.detach().clone() for k, v in self.lightning_module.state_dict().items()}
+        self._average = RunningAverage()
+        self.last_round = []
+        return self._plan
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self._batch_idx = batch_idx
+        name = self._plan.starts.get(batch_idx)
+        if name is not None:
+            self._begin_client(self.clients[name])
+        self._empty_batch = extract_batch_size(batch) == 0
+
+    def _begin_client(self, client: ClientState) -> None:
+        self.lightning_module.load_state_dict(self._global_state)
+        optimizer = self.optimizers[0]
+        optimizer.state.clear()  # a client starts a round with a fresh optimizer, as in FedAvg
+        if self._dp_optimizer is not None:
+            self._dp_optimizer.noise_multiplier = client.noise_multiplier
+            self._dp_optimizer.expected_batch_size = client.batch_size
+            self._dp_optimizer.generator = client.noise_rng
+            self._dp_optimizer.attach_step_hook(client.accountant.get_optimizer_hook_fn(sample_rate=client.sample_rate))
+        self._client = client
+        self._metric_sums = {}
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._empty_batch:
+            # Poisson sampling drew no record: the DP step must still add noise and be accounted,
+            # but the user's step would average an empty loss into NaN.
+            return torch.zeros((), device=self.root_device, requires_grad=True)
+        output = super().training_step(*args, **kwargs)
+        self._record_metrics(output)
+        return output
+
+    def _record_metrics(self, output: Any) -> None:
+        scalars = {"loss": output} if isinstance(output, Tensor) else output if isinstance(output, dict) else {}
+        for key, value in scalars.items():
+            if isinstance(value, Tensor) and value.numel() == 1:
+                value = value.detach().float().reshape(())
+                self._metric_sums[key] = self._metric_sums[key] + value if key in self._metric_sums else value
+        self._metric_sums["_count"] = self._metric_sums.get("_count", 0) + 1
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        if self._empty_batch and self._dp_optimizer is not None:
+            # zero per-sample gradients of an empty batch: clipping sums nothing, noise is still added
+            for p in self._dp_optimizer.params:
+                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+            return closure_loss
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._batch_idx in self._plan.ends:
+            self._end_client()
+            if self._batch_idx == self._plan.num_batches - 1:
+                self._end_round()
+        return output
+
+    def _end_client(self) -> None:
+        client = self._client
+        state = self.lightning_module.state_dict()
+        self._average.add(state, weight=client.num_examples)
+        count = self._metric_sums.pop("_count", 0)
+        metrics = {k: float(v) / count for k, v in self._metric_sums.items()} if count else {}
+        self.last_round.append(
+            ClientReport(client.name, client.num_examples, client.epsilon(self.privacy.delta), metrics)
+        )
+        self._client = None
+
+    def _end_round(self) -> None:
+        self.lightning_module.load_state_dict(self._average.result(self._global_state))
+        self._plan = None
+        self._global_state = {}
+
+    @property
+    def current_client(self) -> str | None:
+        """The client whose batches are training now (``None`` between rounds)."""
+        return None if self._client is None else self._client.name
+
+    def epsilons(self) -> dict[str, float | None]:
+        """Every client's privacy spent so far at ``privacy.delta`` (``None`` values without privacy)."""
+        return {name: c.epsilon(self.privacy.delta) for name, c in self.clients.items()}
+
+    # ---------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """The federated state a checkpoint carries: settings and every client's lasting state."""
+        return {
+            "privacy": asdict(self.privacy),
+            "seed": self.seed,
+            "local_epochs": self.local_epochs,
+            "client_fraction": self.client_fraction,
+            "clients": {name: c.state_dict() for name, c in self.clients.items()},
+        }
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        if self._global_state:
+            raise RuntimeError(
+                "a checkpoint was requested in the middle of a round, where the model holds one client's "
+                "weights: save between rounds (ModelCheckpoint(every_n_epochs=...), not every_n_train_steps)"
+            )
+        checkpoint[CHECKPOINT_KEY] = self.state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            raise ValueError(
+                f"{checkpoint_path} was not written by FederatedDPStrategy: it carries no client privacy "
+                "state, so resuming would forget the privacy already spent. Start a new run instead."
+            )
+        self._check_settings(state)
+        self._restored = state
+        if self.clients:
+            self._load_clients(state)
+        return checkpoint
+
+    def _check_settings(self, state: dict[str, Any]) -> None:
+        current = self.state_dict()
+        diffs = [
+            f"{key}: checkpoint {state[key]!r} != now {current[key]!r}"
+            for key in ("privacy", "seed", "local_epochs", "client_fraction")
+            if state[key] != current[key]
+        ]
+        if diffs:
+            raise ValueError("checkpoint made with other settings; resume with them or start anew: " + "; ".join(diffs))
+
+    def _load_clients(self, state: dict[str, Any]) -> None:
+        saved = state["clients"]
+        if set(saved) != set(self.clients):
+            raise ValueError(f"checkpoint clients {sorted(saved)} differ from the data's clients {sorted(self.clients)}")
+        for name, client in self.clients.items():
+            client.load_state_dict(saved[name])
+        self._restored = None
+
+    @override
+    def teardown(self) -> None:
+        if self._grad_sample_module is not None:
+            self._grad_sample_module._close()  # removes Opacus's hooks: the user's module comes back clean
+            self._grad_sample_module = None
+        super().teardown()
+
+
+class _RoundIterable:
+    """What Lightning iterates as the training loader: one round's batches per ``iter``."""
+
+    def __init__(self, strategy: FederatedDPStrategy):
+        self.strategy = strategy
+
+    def __len__(self) -> int:
+        length = self.strategy.round_length()
+        if length is None:
+            raise TypeError("rounds differ in length when sampled clients differ in size")
+        return length
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.strategy.round_batches()

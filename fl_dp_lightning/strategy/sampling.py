@@ -1,0 +1,57 @@
+"""Which records form each batch of a client: Poisson sampling (what DP accounting assumes) or shuffling."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import BatchSampler, Dataset, RandomSampler, TensorDataset, default_collate
+
+
+SAMPLER_STREAM, NOISE_STREAM = 0, 1
+
+
+def client_seed(seed: int, index: int, stream: int = SAMPLER_STREAM) -> int:
+    """The seed of client ``index``'s sampler (stream 0) or noise (stream 1), derived from the run's ``seed``."""
+    return int(np.random.SeedSequence([seed, index, stream]).generate_state(1)[0])
+
+
+def poisson_steps_per_epoch(sample_rate: float) -> int:
+    """Steps that make one expected pass over the data: ``int(1 / sample_rate)``, as Opacus counts it."""
+    return int(1 / sample_rate)
+
+
+def poisson_batches(num_examples: int, sample_rate: float, steps: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """``steps`` batches, each holding every record independently with probability ``sample_rate``."""
+    return iter(UniformWithReplacementSampler(num_samples=num_examples, sample_rate=sample_rate, generator=generator, steps=steps))
+
+
+def shuffled_batches(num_examples: int, batch_size: int, epochs: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """``epochs`` reshuffled passes in full batches (the last partial batch dropped), like a shuffling DataLoader."""
+    sampler = BatchSampler(RandomSampler(range(num_examples), generator=generator), batch_size, drop_last=True)
+    for _ in range(epochs):
+        yield from sampler
+
+
+def take_batch(dataset: Dataset, indices: Sequence[int]) -> Any:
+    """The batch of ``dataset`` at ``indices``; an empty index list gives tensors with zero rows."""
+    if isinstance(dataset, TensorDataset):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(t[idx] for t in dataset.tensors)
+    if len(indices) == 0:
+        # shape of the batch from one record, then keep none of its rows
+        return _first_rows(default_collate([dataset[0]]), 0)
+    return default_collate([dataset[i] for i in indices])
+
+
+def _first_rows(batch: Any, n: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    if isinstance(batch, dict):
+        return {k: _first_rows(v, n) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_first_rows(v, n) for v in batch)
+    return batch
