@@ -1,0 +1,58 @@
+"""Shared helpers: small Trainers, a logger that records what it is given, tiny data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.loggers import Logger
+
+from fl_dp_lightning.data.sources import DataSource, load_synthetic
+
+
+class RecordingLogger(Logger):
+    """Keeps every ``log_metrics`` call as (step, metrics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.records.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def series(self, key: str) -> dict[int, float]:
+        """step -> value of every record that holds ``key``."""
+        return {step: m[key] for step, m in self.records if key in m}
+
+
+def make_trainer(strategy: Any, rounds: int, **kwargs: Any) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=rounds,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(strategy=strategy, **defaults)
+
+
+@pytest.fixture(scope="session")
+def synthetic() -> DataSource:
+    return load_synthetic(train_size=1200, test_size=400, seed=3)

@@ -1,0 +1,64 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fl_dp_lightning.aggregation import RunningAverage, fedavg
+
+
+def test_unweighted_fedavg_is_the_elementwise_mean():
+    a = {"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor(4.0)}
+    b = {"w": torch.tensor([3.0, 6.0, 9.0]), "b": torch.tensor(0.0)}
+    out = fedavg([a, b])
+    assert torch.equal(out["w"], torch.tensor([2.0, 4.0, 6.0]))
+    assert torch.equal(out["b"], torch.tensor(2.0))
+
+
+def test_weighted_fedavg_matches_a_hand_computation():
+    a = {"w": torch.tensor([[1.0, 0.0], [2.0, -1.0]])}
+    b = {"w": torch.tensor([[4.0, 3.0], [-1.0, 5.0]])}
+    # weights 1 and 3: (1*a + 3*b) / 4
+    expected = torch.tensor([[(1 + 12) / 4, (0 + 9) / 4], [(2 - 3) / 4, (-1 + 15) / 4]])
+    assert torch.allclose(fedavg([a, b], [1, 3])["w"], expected)
+
+
+def test_integer_buffers_come_from_the_first_state_and_inputs_are_untouched():
+    a = {"w": torch.tensor([1.0]), "n": torch.tensor(5)}
+    b = {"w": torch.tensor([3.0]), "n": torch.tensor(9)}
+    before = {k: v.clone() for k, v in a.items()}
+    out = fedavg([a, b], [1, 1])
+    assert out["n"].item() == 5 and out["n"].dtype == torch.int64
+    assert all(torch.equal(a[k], before[k]) for k in a)
+
+
+def test_bad_weights_are_refused():
+    s = {"w": torch.ones(1)}
+    with pytest.raises(ValueError, match="weights"):
+        fedavg([s, s], [0, 0])
+    with pytest.raises(ValueError, match="2 states but 1 weights"):
+        fedavg([s, s], [1])
+
+
+vectors = st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=1, max_size=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=vectors, copies=st.integers(1, 5), weights=st.lists(st.floats(0.1, 1e4), min_size=5, max_size=5))
+def test_fedavg_of_identical_states_is_that_state(values, copies, weights):
+    state = {"w": torch.tensor(values, dtype=torch.float32)}
+    out = fedavg([state] * copies, weights[:copies])
+    assert torch.equal(out["w"], state["w"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.floats(-100, 100, allow_nan=False), min_size=3, max_size=3), min_size=1, max_size=5),
+    weights=st.lists(st.integers(1, 1000), min_size=5, max_size=5),
+)
+def test_running_average_equals_fedavg(rows, weights):
+    states = [{"w": torch.tensor(r)} for r in rows]
+    running = RunningAverage()
+    for s, w in zip(states, weights):
+        running.add(s, w)
+    expected = fedavg(states, weights[: len(states)])
+    assert torch.allclose(running.result(states[0])["w"], expected["w"], atol=1e-6, rtol=0)
