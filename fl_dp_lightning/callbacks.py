@@ -48,7 +48,9 @@ class FederatedLogger(Callback):
         for report in strategy.last_round:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in report.metrics.items())
             privacy = "no DP" if report.epsilon is None else f"ε = {report.epsilon:.2f} (δ = {delta:g})"
-            rank_zero_info(f"[{report.client}] round {trainer.current_epoch + 1}/{trainer.max_epochs}  {shown}  {privacy}")
+            rank_zero_info(
+                f"[{report.client}] round {trainer.current_epoch + 1}/{trainer.max_epochs}  {shown}  {privacy}"
+            )
 
 
 class FederatedProgressBar(TQDMProgressBar):

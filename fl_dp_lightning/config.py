@@ -43,10 +43,25 @@ class DataConfig:
     """Test examples of the ``synthetic`` source."""
 
     def __post_init__(self) -> None:
-        require(self.name in DATA_SOURCES, "data.name", self.name, f"unknown data set; choose one of {DATA_SOURCES}")
+        require(
+            self.name in DATA_SOURCES,
+            "data.name",
+            self.name,
+            f"unknown data set; choose one of {DATA_SOURCES}",
+        )
         require(self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, "must be >= 1")
-        require(self.synthetic_train_size >= 1, "data.synthetic_train_size", self.synthetic_train_size, "must be >= 1")
-        require(self.synthetic_test_size >= 1, "data.synthetic_test_size", self.synthetic_test_size, "must be >= 1")
+        require(
+            self.synthetic_train_size >= 1,
+            "data.synthetic_train_size",
+            self.synthetic_train_size,
+            "must be >= 1",
+        )
+        require(
+            self.synthetic_test_size >= 1,
+            "data.synthetic_test_size",
+            self.synthetic_test_size,
+            "must be >= 1",
+        )
 
 
 @dataclass
@@ -103,7 +118,12 @@ class PrivacyConfig:
         require(self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, "must be >= 0")
         require(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "must be > 0")
         require(0 < self.delta < 1, "privacy.delta", self.delta, "must be in (0, 1), e.g. 1e-5")
-        require(self.accountant in ACCOUNTANTS, "privacy.accountant", self.accountant, f"choose one of {ACCOUNTANTS}")
+        require(
+            self.accountant in ACCOUNTANTS,
+            "privacy.accountant",
+            self.accountant,
+            f"choose one of {ACCOUNTANTS}",
+        )
         require(
             self.loss_reduction in LOSS_REDUCTIONS,
             "privacy.loss_reduction",
@@ -122,7 +142,12 @@ class HardwareConfig:
     """Number of devices (processes); more than one needs the multi-process strategy."""
 
     def __post_init__(self) -> None:
-        require(self.accelerator in ACCELERATORS, "hardware.accelerator", self.accelerator, f"choose {ACCELERATORS}")
+        require(
+            self.accelerator in ACCELERATORS,
+            "hardware.accelerator",
+            self.accelerator,
+            f"choose {ACCELERATORS}",
+        )
         require(self.devices >= 1, "hardware.devices", self.devices, "must be >= 1")
 
 

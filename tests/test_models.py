@@ -11,10 +11,33 @@ def conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
 def test_seed_cnn_matches_the_tutorial_layer_by_layer():
     net = seed_cnn()
     kinds = [type(m) for m in net]
-    assert kinds == [nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Linear, nn.ReLU, nn.Linear]
+    assert kinds == [
+        nn.Conv2d,
+        nn.ReLU,
+        nn.MaxPool2d,
+        nn.Conv2d,
+        nn.ReLU,
+        nn.MaxPool2d,
+        nn.Flatten,
+        nn.Linear,
+        nn.ReLU,
+        nn.Linear,
+    ]
     c1, c2, f1, f2 = net[0], net[3], net[7], net[9]
-    assert (c1.in_channels, c1.out_channels, c1.kernel_size, c1.stride, c1.padding) == (1, 16, (8, 8), (2, 2), (3, 3))
-    assert (c2.in_channels, c2.out_channels, c2.kernel_size, c2.stride, c2.padding) == (16, 32, (4, 4), (2, 2), (0, 0))
+    assert (c1.in_channels, c1.out_channels, c1.kernel_size, c1.stride, c1.padding) == (
+        1,
+        16,
+        (8, 8),
+        (2, 2),
+        (3, 3),
+    )
+    assert (c2.in_channels, c2.out_channels, c2.kernel_size, c2.stride, c2.padding) == (
+        16,
+        32,
+        (4, 4),
+        (2, 2),
+        (0, 0),
+    )
     assert (net[2].kernel_size, net[2].stride, net[5].kernel_size, net[5].stride) == (2, 1, 2, 1)
     assert (f1.in_features, f1.out_features, f2.in_features, f2.out_features) == (512, 32, 32, 10)
 

@@ -42,6 +42,10 @@ def split(dataset: TensorDataset, sizes: list[int]) -> list[TensorDataset]:
     return [TensorDataset(x[a:b], y[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
+NO_VAL = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+
+
+@NO_VAL
 def test_one_client_without_privacy_equals_a_plain_lightning_run(synthetic):
     batch, seed, rounds = 32, 7, 3
     pl.seed_everything(0)
@@ -55,7 +59,7 @@ def test_one_client_without_privacy_equals_a_plain_lightning_run(synthetic):
     # plain Lightning: a shuffling loader drawing from the client's sampler stream
     gen = torch.Generator().manual_seed(client_seed(seed, 0))
     sampler = BatchSampler(RandomSampler(synthetic.train, generator=gen), batch, drop_last=True)
-    make_trainer("auto", rounds, limit_val_batches=0).fit(plain, DataLoader(synthetic.train, batch_sampler=sampler))
+    make_trainer("auto", rounds).fit(plain, DataLoader(synthetic.train, batch_sampler=sampler))
 
     assert_same_weights(federated, plain, atol=1e-6)
     assert not torch.equal(weights(federated)["net.0.weight"], weights(init)["net.0.weight"])
@@ -225,6 +229,7 @@ def test_unsupported_modules_and_settings_are_refused_before_training(synthetic,
     assert all(torch.equal(before[k], v) for k, v in weights(instance).items())  # nothing trained
 
 
+@NO_VAL
 def test_a_plain_dataloader_is_refused_with_the_fix(synthetic):
     with pytest.raises(TypeError, match="FederatedDataModule"):
         make_trainer(FederatedDPStrategy(), 1).fit(UnawareModule(), DataLoader(synthetic.train, batch_size=32))

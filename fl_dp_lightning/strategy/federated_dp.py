@@ -30,7 +30,7 @@ from typing_extensions import override
 from fl_dp_lightning.aggregation import RunningAverage
 from fl_dp_lightning.config import PrivacyConfig
 from fl_dp_lightning.data.datamodule import ClientDatasets
-from fl_dp_lightning.strategy.client import ClientState, ClientReport, make_client
+from fl_dp_lightning.strategy.client import ClientReport, ClientState, make_client
 from fl_dp_lightning.strategy.sampling import take_batch
 from fl_dp_lightning.strategy.schedule import RoundPlan, clients_per_round, plan_round
 
@@ -373,7 +373,9 @@ class FederatedDPStrategy(SingleDeviceStrategy):
     def _load_clients(self, state: dict[str, Any]) -> None:
         saved = state["clients"]
         if set(saved) != set(self.clients):
-            raise ValueError(f"checkpoint clients {sorted(saved)} differ from the data's clients {sorted(self.clients)}")
+            raise ValueError(
+                f"checkpoint clients {sorted(saved)} differ from the data's clients {sorted(self.clients)}"
+            )
         for name, client in self.clients.items():
             client.load_state_dict(saved[name])
         self._restored = None

@@ -10,7 +10,6 @@ import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import BatchSampler, Dataset, RandomSampler, TensorDataset, default_collate
 
-
 SAMPLER_STREAM, NOISE_STREAM = 0, 1
 
 
@@ -24,12 +23,20 @@ def poisson_steps_per_epoch(sample_rate: float) -> int:
     return int(1 / sample_rate)
 
 
-def poisson_batches(num_examples: int, sample_rate: float, steps: int, generator: torch.Generator) -> Iterator[list[int]]:
+def poisson_batches(
+    num_examples: int, sample_rate: float, steps: int, generator: torch.Generator
+) -> Iterator[list[int]]:
     """``steps`` batches, each holding every record independently with probability ``sample_rate``."""
-    return iter(UniformWithReplacementSampler(num_samples=num_examples, sample_rate=sample_rate, generator=generator, steps=steps))
+    return iter(
+        UniformWithReplacementSampler(
+            num_samples=num_examples, sample_rate=sample_rate, generator=generator, steps=steps
+        )
+    )
 
 
-def shuffled_batches(num_examples: int, batch_size: int, epochs: int, generator: torch.Generator) -> Iterator[list[int]]:
+def shuffled_batches(
+    num_examples: int, batch_size: int, epochs: int, generator: torch.Generator
+) -> Iterator[list[int]]:
     """``epochs`` reshuffled passes in full batches (the last partial batch dropped), like a shuffling DataLoader."""
     sampler = BatchSampler(RandomSampler(range(num_examples), generator=generator), batch_size, drop_last=True)
     for _ in range(epochs):

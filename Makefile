@@ -1,0 +1,25 @@
+# Each target creates .venv/ and installs the project into it when missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+
+.PHONY: train test bench lint
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+train: $(STAMP)  ## the seed workload; extra Hydra overrides with ARGS="privacy.noise_multiplier=0.8 ..."
+	$(PY) train.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/seed_round.py $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fl_dp_lightning tests benchmarks train.py
+	$(VENV)/bin/ruff format --check fl_dp_lightning tests benchmarks train.py
