@@ -1,0 +1,124 @@
+"""Seconds per client-epoch on Fashion-MNIST: FederatedDPStrategy vs a plain PyTorch + Opacus loop.
+
+Both run the seed workload side by side in one process: alice and bob, IID halves of the training set, the seed
+CNN, SGD lr 0.1, expected batch 128, noise 1.2, clip 1.0, Poisson sampling, FedAvg after each round. The plain
+loop is written like the seed tutorial (a DataLoader per client, Opacus's PrivacyEngine). Prints a table and
+saves JSON (default benchmarks/results/seed_round.json).
+
+    python benchmarks/seed_round.py [--rounds 2] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader
+
+from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
+from fl_dp_lightning.aggregation import fedavg
+from fl_dp_lightning.cli import RoundTimer
+from fl_dp_lightning.data.sources import DataSource, load_fashion_mnist
+
+BATCH, LR, NOISE, CLIP, DELTA = 128, 0.1, 1.2, 1.0, 1e-5
+
+
+def plain_opacus_rounds(source: DataSource, clients: dict, init: torch.nn.Module, rounds: int) -> list[float]:
+    """The seed's loop: per client a model copy, SGD, PrivacyEngine; FedAvg by hand. Seconds per client-epoch."""
+    global_model, seconds = copy.deepcopy(init), []
+    for _ in range(rounds):
+        states, sizes = [], []
+        for dataset in clients.values():
+            model = copy.deepcopy(global_model)
+            optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+            loader = DataLoader(dataset, batch_size=BATCH)
+            model, optimizer, loader = PrivacyEngine().make_private(
+                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=NOISE, max_grad_norm=CLIP
+            )
+            criterion = torch.nn.CrossEntropyLoss()
+            start = time.perf_counter()
+            for x, y in loader:
+                optimizer.zero_grad()
+                criterion(model(x), y).backward()
+                optimizer.step()
+            seconds.append(time.perf_counter() - start)
+            states.append(model._module.state_dict())
+            sizes.append(len(dataset))
+        global_model.load_state_dict(fedavg(states, sizes))
+    return seconds
+
+
+def strategy_rounds(datamodule: FederatedDataModule, init: torch.nn.Module, rounds: int) -> list[float]:
+    """The same workload through Lightning and FederatedDPStrategy. Seconds per client-epoch."""
+    timer = RoundTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=FederatedDPStrategy(privacy=PrivacyConfig(noise_multiplier=NOISE, max_grad_norm=CLIP, delta=DELTA)),
+        max_epochs=rounds,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
+    trainer.fit(LitClassifier(copy.deepcopy(init), lr=LR), datamodule)
+    clients = len(datamodule.client_names)
+    return [s / clients for s in timer.seconds]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "seed_round.json")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+
+    source = load_fashion_mnist()
+    datamodule = FederatedDataModule(
+        train=source.train, test=source.test, clients=["alice", "bob"], batch_size=BATCH, seed=0
+    )
+    datamodule.setup("fit")
+    pl.seed_everything(0, verbose=False)
+    init = LitClassifier().net
+
+    baseline = plain_opacus_rounds(source, datamodule.client_datasets, init, args.rounds)
+    ours = strategy_rounds(datamodule, init, args.rounds)
+    rows = {
+        "plain PyTorch + Opacus (seed style)": statistics.median(baseline),
+        "FederatedDPStrategy (Lightning)": statistics.median(ours),
+    }
+    ratio = rows["plain PyTorch + Opacus (seed style)"] / rows["FederatedDPStrategy (Lightning)"]
+    print(f"\nFashion-MNIST ({source.origin}), 2 clients x 30,000, batch {BATCH}, {args.rounds} rounds")
+    print(f"{'implementation':40s} {'s / client-epoch (median)':>26s}")
+    for name, value in rows.items():
+        print(f"{name:40s} {value:26.2f}")
+    print(f"{'speed-up of the strategy':40s} {ratio:25.2f}x")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "benchmark": "seed_round",
+        "data": source.origin,
+        "rounds": args.rounds,
+        "settings": {"batch_size": BATCH, "lr": LR, "noise_multiplier": NOISE, "max_grad_norm": CLIP},
+        "seconds_per_client_epoch": {"plain_opacus": baseline, "strategy": ours},
+        "median": rows,
+        "speedup_strategy_over_plain": ratio,
+        "machine": {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()},
+    }
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""FederatedDataModule: per-client training sets plus a shared validation/test set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler, Subset, TensorDataset
+
+from fl_dp_lightning.config import ClientConfig, ConfigError, DataConfig
+from fl_dp_lightning.data.partition import dirichlet_partition, iid_partition
+from fl_dp_lightning.data.sources import DataSource, load_fashion_mnist, load_mnist, load_synthetic
+
+
+class ClientDatasets:
+    """Each client's training set and the expected batch size; what ``train_dataloader`` returns.
+
+    It is not iterable on its own: :class:`~fl_dp_lightning.FederatedDPStrategy` decides which records each
+    batch holds (Poisson sampling), because the privacy accounting depends on it.
+    """
+
+    def __init__(self, datasets: Mapping[str, Dataset], batch_size: int):
+        if not datasets:
+            raise ValueError("ClientDatasets needs at least one client")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        empty = [name for name, ds in datasets.items() if len(ds) == 0]
+        if empty:
+            raise ValueError(f"clients {empty} hold no training examples; repartition or drop them")
+        self.datasets = dict(datasets)
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator:
+        raise TypeError(
+            "ClientDatasets are sampled by the federated strategy: pass "
+            "Trainer(strategy=FederatedDPStrategy(...)) to train on them."
+        )
+        yield  # a generator, so Lightning's iterability check passes and the error comes on use
+
+    def __repr__(self) -> str:
+        sizes = {name: len(ds) for name, ds in self.datasets.items()}
+        return f"ClientDatasets({sizes}, batch_size={self.batch_size})"
+
+
+def eval_loader(dataset: Dataset, batch_size: int) -> DataLoader:
+    """Sequential loader; a TensorDataset is indexed a whole batch at a time (no per-sample collate)."""
+    if isinstance(dataset, TensorDataset):
+        batches = BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False)
+        return DataLoader(dataset, sampler=batches, batch_size=None)
+    return DataLoader(dataset, batch_size=batch_size)
+
+
+def split_among_clients(train: Dataset, names: Sequence[str], indices: Sequence) -> dict[str, Dataset]:
+    """Client datasets from index shares; tensor data sets stay tensors (fast batch indexing)."""
+    if isinstance(train, TensorDataset):
+        return {name: TensorDataset(*(t[idx] for t in train.tensors)) for name, idx in zip(names, indices)}
+    return {name: Subset(train, idx.tolist()) for name, idx in zip(names, indices)}
+
+
+class FederatedDataModule(pl.LightningDataModule):
+    """Splits a training set among named clients and serves a shared validation/test set.
+
+    Args:
+        source: ``mnist``, ``fashion_mnist`` or ``synthetic``; ignored when ``train`` is given.
+        clients: client names, or a count (names ``client_0`` ...).
+        partition: ``iid`` or ``dirichlet`` (label skew with ``dirichlet_alpha``).
+        dirichlet_alpha: Dirichlet concentration, > 0.
+        batch_size: expected examples per client batch.
+        eval_batch_size: examples per validation/test batch.
+        root: directory for downloads.
+        seed: seed of the partition (and of the MNIST fallback split).
+        synthetic_sizes: (train, test) sizes of the ``synthetic`` source.
+        train: your own training set (split among ``clients``) or a mapping client name -> data set
+            (already federated: used as is).
+        test: your own validation/test set (required with ``train``).
+    """
+
+    def __init__(
+        self,
+        *,
+        source: str = "mnist",
+        clients: int | Sequence[str] = ("alice", "bob"),
+        partition: str = "iid",
+        dirichlet_alpha: float = 0.5,
+        batch_size: int = 128,
+        eval_batch_size: int = 1024,
+        root: str = "data",
+        seed: int = 0,
+        synthetic_sizes: tuple[int, int] = (2000, 500),
+        train: Dataset | Mapping[str, Dataset] | None = None,
+        test: Dataset | None = None,
+    ):
+        super().__init__()
+        if (train is None) != (test is None):
+            raise ValueError("pass both `train` and `test` data sets, or neither (then `source` is loaded)")
+        names = list(train) if isinstance(train, Mapping) else self._names(clients)
+        # validated by the same typed configs that train.py uses
+        DataConfig(name=source, root=root, eval_batch_size=eval_batch_size)
+        ClientConfig(count=len(names), names=names, partition=partition, dirichlet_alpha=dirichlet_alpha)
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size}: must be >= 1")
+        self.save_hyperparameters(ignore=["train", "test", "clients"])
+        self.hparams["clients"] = names
+        self.client_names = names
+        self._given = (train, test) if train is not None else None
+        self.client_datasets: dict[str, Dataset] = {}
+        self.test_set: Dataset | None = None
+
+    @staticmethod
+    def _names(clients: int | Sequence[str]) -> list[str]:
+        if isinstance(clients, int):
+            if clients < 1:
+                raise ConfigError(f"clients={clients}: need at least one client")
+            return [f"client_{i}" for i in range(clients)]
+        return list(clients)
+
+    @classmethod
+    def from_config(cls, data: DataConfig, client: ClientConfig, *, batch_size: int, seed: int) -> FederatedDataModule:
+        """Builds the module from ``train.py``'s typed configs."""
+        return cls(
+            source=data.name,
+            clients=client.client_names(),
+            partition=client.partition,
+            dirichlet_alpha=client.dirichlet_alpha,
+            batch_size=batch_size,
+            eval_batch_size=data.eval_batch_size,
+            root=data.root,
+            seed=seed,
+            synthetic_sizes=(data.synthetic_train_size, data.synthetic_test_size),
+        )
+
+    def load_source(self) -> DataSource:
+        """Loads the configured source (see :mod:`fl_dp_lightning.data.sources`)."""
+        hp = self.hparams
+        if hp.source == "mnist":
+            return load_mnist(hp.root, hp.seed)
+        if hp.source == "fashion_mnist":
+            return load_fashion_mnist(hp.root, hp.seed)
+        return load_synthetic(*hp.synthetic_sizes, seed=hp.seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.test_set is not None:
+            return
+        if self._given is not None:
+            train, self.test_set = self._given
+            origin = "user-provided data sets"
+        else:
+            source = self.load_source()
+            train, self.test_set, origin = source.train, source.test, source.origin
+        if isinstance(train, Mapping):
+            self.client_datasets = dict(train)
+        else:
+            self.client_datasets = split_among_clients(train, self.client_names, self._shares(train))
+        self.hparams["data_origin"] = origin
+        sizes = {name: len(ds) for name, ds in self.client_datasets.items()}
+        rank_zero_info(f"Data: {origin}; client examples {sizes}; test examples {len(self.test_set)}")
+
+    def _shares(self, train: Dataset) -> list:
+        hp, n = self.hparams, len(self.client_names)
+        if hp.partition == "iid":
+            return iid_partition(len(train), n, hp.seed)
+        labels = train.tensors[1] if isinstance(train, TensorDataset) else [train[i][1] for i in range(len(train))]
+        return dirichlet_partition(labels, n, hp.dirichlet_alpha, hp.seed)
+
+    def train_dataloader(self) -> ClientDatasets:
+        return ClientDatasets(self.client_datasets, self.hparams.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return eval_loader(self.test_set, self.hparams.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return eval_loader(self.test_set, self.hparams.eval_batch_size)
