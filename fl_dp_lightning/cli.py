@@ -61,7 +61,7 @@ def check_hardware(hardware: HardwareConfig) -> None:
 
 
 class RoundTimer(Callback):
-    """Wall-clock seconds of each round's training (validation excluded)."""
+    """Wall-clock seconds of each round: its training plus the end-of-round validation."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
