@@ -13,6 +13,7 @@ from typing import Any
 DATA_SOURCES = ("mnist", "fashion_mnist", "synthetic")
 PARTITIONS = ("iid", "dirichlet")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
+RDP_CONVERSIONS = ("improved", "classic")
 LOSS_REDUCTIONS = ("mean", "sum")
 ACCELERATORS = ("cpu", "gpu")
 
@@ -107,6 +108,8 @@ class PrivacyConfig:
     """Target delta of the (epsilon, delta) guarantee; probability, in (0, 1)."""
     accountant: str = "rdp"
     """Privacy accountant: ``rdp``, ``prv`` or ``gdp`` (Opacus's implementations)."""
+    rdp_conversion: str = "improved"
+    """RDP to (epsilon, delta): ``improved`` (Opacus's default) or ``classic`` (older papers, the seed)."""
     poisson_sampling: bool = True
     """Sample each batch by including every record independently (the accounting assumes this)."""
     loss_reduction: str = "mean"

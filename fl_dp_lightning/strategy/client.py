@@ -131,7 +131,7 @@ def make_client(
         local_epochs=local_epochs,
         poisson=poisson,
         noise_multiplier=privacy.noise_multiplier,
-        accountant=make_accountant(privacy.accountant) if privacy.enabled else None,
+        accountant=make_accountant(privacy.accountant, privacy.rdp_conversion) if privacy.enabled else None,
         sampler_rng=torch.Generator().manual_seed(client_seed(seed, index, SAMPLER_STREAM)),
         noise_rng=noise_rng,
     )
