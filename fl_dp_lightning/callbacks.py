@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from fl_dp_lightning.privacy.report import format_report, privacy_report
 
 
 def federated_strategy(trainer: pl.Trainer) -> Any:
@@ -25,7 +29,16 @@ class FederatedLogger(Callback):
     ``train/<metric>/<client>`` for the clients that trained, ``privacy/epsilon/<client>`` for every
     client and ``privacy/epsilon_max``; the latter also reaches the progress bar and ``callback_metrics``
     (so ``ModelCheckpoint``/``EarlyStopping`` can monitor it). Epsilons come from each client's accountant.
+
+    At the end of training it writes the privacy report (JSON, see :mod:`fl_dp_lightning.privacy.report`) to
+    ``report_path`` (default: ``<Trainer.default_root_dir>/privacy_report.json``) and logs it as a table.
+
+    Args:
+        report_path: where to write the privacy report.
     """
+
+    def __init__(self, report_path: str | Path | None = None) -> None:
+        self.report_path = None if report_path is None else Path(report_path)
 
     def round_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         """The metrics of the round that just ended."""
@@ -51,6 +64,15 @@ class FederatedLogger(Callback):
             rank_zero_info(
                 f"[{report.client}] round {trainer.current_epoch + 1}/{trainer.max_epochs}  {shown}  {privacy}"
             )
+
+    @rank_zero_only
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = federated_strategy(trainer)
+        report = privacy_report(strategy.clients, strategy.privacy)
+        path = self.report_path or Path(trainer.default_root_dir) / "privacy_report.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        rank_zero_info(f"{format_report(report)}\nPrivacy report written to {path}")
 
 
 class FederatedProgressBar(TQDMProgressBar):

@@ -107,6 +107,7 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
         log_every_n_steps=conf.trainer.log_every_n_steps,
         enable_progress_bar=conf.trainer.progress_bar,
         num_sanity_val_steps=0,
+        default_root_dir=str(run_dir),
     )
     return trainer, module, datamodule
 

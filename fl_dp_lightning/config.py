@@ -110,6 +110,12 @@ class PrivacyConfig:
     """Privacy accountant: ``rdp``, ``prv`` or ``gdp`` (Opacus's implementations)."""
     rdp_conversion: str = "improved"
     """RDP to (epsilon, delta): ``improved`` (Opacus's default) or ``classic`` (older papers, the seed)."""
+    target_epsilon: float | None = None
+    """If set, each client's noise multiplier is calibrated before training so that its epsilon after all
+    rounds lands at or just under this value (``noise_multiplier`` is then replaced, and the choice logged)."""
+    max_epsilon: float | None = None
+    """Budget: a client sits out any round that would carry its epsilon past this; the run ends when no
+    client can train. ``null`` means no budget."""
     poisson_sampling: bool = True
     """Sample each batch by including every record independently (the accounting assumes this)."""
     loss_reduction: str = "mean"
@@ -127,6 +133,9 @@ class PrivacyConfig:
             self.accountant,
             f"choose one of {ACCOUNTANTS}",
         )
+        for key in ("target_epsilon", "max_epsilon"):
+            value = getattr(self, key)
+            require(value is None or value > 0, f"privacy.{key}", value, "must be > 0 (or null)")
         require(
             self.loss_reduction in LOSS_REDUCTIONS,
             "privacy.loss_reduction",

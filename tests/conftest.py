@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 import lightning.pytorch as pl
@@ -48,6 +49,7 @@ def make_trainer(strategy: Any, rounds: int, **kwargs: Any) -> pl.Trainer:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=1,
+        default_root_dir=tempfile.mkdtemp(prefix="fl_dp_test_"),  # reports and logs stay out of the checkout
     )
     defaults.update(kwargs)
     return pl.Trainer(strategy=strategy, **defaults)

@@ -74,6 +74,12 @@ class ClientState:
         """Privacy spent so far at ``delta`` (``None`` when privacy is off)."""
         return None if self.accountant is None else epsilon_spent(self.accountant, delta)
 
+    def epsilon_after(self, steps: int, delta: float) -> float:
+        """The epsilon this client would reach after ``steps`` more steps at its noise and sample rate."""
+        trial = type(self.accountant)()
+        trial.history = [*self.accountant.history, (self.noise_multiplier, self.sample_rate, steps)]
+        return epsilon_spent(trial, delta)
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must carry to continue this client exactly."""
         return {
@@ -115,6 +121,11 @@ def make_client(
         raise ValueError(
             f"client {name!r} holds {n} examples, fewer than the batch size {batch_size}: "
             "lower trainer.batch_size, use fewer clients, or give this client more data"
+        )
+    if privacy.enabled and privacy.delta >= 1 / n:
+        raise ValueError(
+            f"privacy.delta={privacy.delta:g} is not below 1/n = 1/{n} for client {name!r}: a delta that large "
+            f"permits releasing a record outright; set privacy.delta well below {1 / n:.2g} (e.g. 1e-5)"
         )
     sample_rate = batch_size / n
     poisson = privacy.enabled and privacy.poisson_sampling

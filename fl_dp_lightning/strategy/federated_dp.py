@@ -20,6 +20,7 @@ from lightning.fabric.utilities.types import _DEVICE
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.data import extract_batch_size
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
@@ -30,6 +31,7 @@ from typing_extensions import override
 from fl_dp_lightning.aggregation import RunningAverage
 from fl_dp_lightning.config import PrivacyConfig
 from fl_dp_lightning.data.datamodule import ClientDatasets
+from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
 from fl_dp_lightning.strategy.client import ClientReport, ClientState, make_client
 from fl_dp_lightning.strategy.sampling import take_batch
 from fl_dp_lightning.strategy.schedule import RoundPlan, clients_per_round, plan_round
@@ -212,8 +214,31 @@ class FederatedDPStrategy(SingleDeviceStrategy):
             )
             for index, (name, dataset) in enumerate(data.datasets.items())
         }
+        if self.privacy.enabled and self.privacy.target_epsilon is not None:
+            self._calibrate_noise()
         if self._restored is not None:
             self._load_clients(self._restored)
+
+    def _calibrate_noise(self) -> None:
+        """Sets each client's noise multiplier so that all planned rounds spend ``privacy.target_epsilon``."""
+        rounds = self.lightning_module.trainer.max_epochs
+        if rounds is None or rounds < 1:
+            raise ValueError("privacy.target_epsilon needs a finite number of rounds: set Trainer(max_epochs=...)")
+        chosen = {}
+        for client in self.clients.values():
+            client.noise_multiplier = calibrate_noise_multiplier(
+                target_epsilon=self.privacy.target_epsilon,
+                delta=self.privacy.delta,
+                sample_rate=client.sample_rate,
+                steps=rounds * client.steps_per_round,
+                accountant=self.privacy.accountant,
+                conversion=self.privacy.rdp_conversion,
+            )
+            chosen[client.name] = round(client.noise_multiplier, 4)
+        rank_zero_info(
+            f"privacy.target_epsilon={self.privacy.target_epsilon} over {rounds} rounds: calibrated noise multipliers "
+            f"{chosen} (these replace privacy.noise_multiplier={self.privacy.noise_multiplier})"
+        )
 
     # ------------------------------------------------------------ one round
 
@@ -221,6 +246,8 @@ class FederatedDPStrategy(SingleDeviceStrategy):
         """Batches in every round, or ``None`` when it varies with the sampled clients."""
         steps = sorted(c.steps_per_round for c in self.clients.values())
         m = clients_per_round(len(steps), self.client_fraction)
+        if self.privacy.enabled and self.privacy.max_epsilon is not None:
+            return None  # clients over budget sit out
         if m == len(steps) or steps[0] == steps[-1]:
             return sum(steps[-m:])
         return None
@@ -234,12 +261,34 @@ class FederatedDPStrategy(SingleDeviceStrategy):
                 yield take_batch(client.dataset, indices)
 
     def _start_round(self) -> RoundPlan:
+        trainer = self.lightning_module.trainer
         steps = {name: c.steps_per_round for name, c in self.clients.items()}
-        self._plan = plan_round(steps, self.client_fraction, self.lightning_module.trainer.current_epoch, self.seed)
+        self._plan = self._within_budget(plan_round(steps, self.client_fraction, trainer.current_epoch, self.seed))
+        self.last_round = []
+        if not self._plan.segments:
+            rank_zero_info(f"round {trainer.current_epoch + 1}: no client can train within the budget; stopping")
+            trainer.should_stop = True
+            return self._plan
         self._global_state = {k: v.detach().clone() for k, v in self.lightning_module.state_dict().items()}
         self._average = RunningAverage()
-        self.last_round = []
         return self._plan
+
+    def _within_budget(self, plan: RoundPlan) -> RoundPlan:
+        """Leaves out the clients whose epsilon would pass ``privacy.max_epsilon`` in this round."""
+        budget = self.privacy.max_epsilon
+        if not self.privacy.enabled or budget is None:
+            return plan
+        over = {}
+        for name, steps in plan.segments:
+            eps = self.clients[name].epsilon_after(steps, self.privacy.delta)
+            if eps > budget:
+                over[name] = eps
+        for name, eps in over.items():
+            rank_zero_info(
+                f"round {plan.round_idx + 1}: client {name!r} sits out: this round would bring its epsilon to "
+                f"{eps:.4f} > privacy.max_epsilon={budget}"
+            )
+        return plan.without(set(over)) if over else plan
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -39,6 +39,10 @@ class RoundPlan:
     def clients(self) -> list[str]:
         return [name for name, _ in self.segments]
 
+    def without(self, names: set[str]) -> RoundPlan:
+        """The same round with ``names`` left out."""
+        return RoundPlan(self.round_idx, tuple((n, s) for n, s in self.segments if n not in names))
+
 
 def clients_per_round(num_clients: int, fraction: float) -> int:
     """How many clients a round samples: ``round(fraction * num_clients)``, at least one."""
