@@ -114,7 +114,11 @@ def main() -> None:
         "seconds_per_client_epoch": {"plain_opacus": baseline, "strategy": ours},
         "median": rows,
         "speedup_strategy_over_plain": ratio,
-        "machine": {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()},
+        "machine": {
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
     }
     args.out.write_text(json.dumps(result, indent=2))
     print(f"saved {args.out}")

@@ -121,7 +121,8 @@ class PrivacyConfig:
     loss_reduction: str = "mean"
     """How the module's loss reduces over the batch (``mean`` or ``sum``); must match ``training_step``."""
     secure_mode: bool = False
-    """Draw noise from a cryptographically secure RNG (Opacus secure mode; slower, not reproducible)."""
+    """Opacus secure mode: floating-point-attack-resistant noise sampling, noise seeded from OS entropy
+    (not reproducible; 4x the noise draws)."""
 
     def __post_init__(self) -> None:
         require(self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, "must be >= 0")

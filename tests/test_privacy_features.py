@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dp_accounting
 import pytest
+import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
@@ -108,3 +109,17 @@ def test_a_delta_above_one_over_n_is_refused_with_the_fix(synthetic):
 def test_turning_poisson_sampling_off_warns_that_the_accounting_assumes_it(synthetic):
     with pytest.warns(UserWarning, match="accounting assumes Poisson sampling"):
         fit(synthetic, PrivacyConfig(poisson_sampling=False), rounds=1)
+
+
+def test_secure_mode_seeds_noise_from_os_entropy_not_the_run_seed(synthetic):
+    with pytest.warns(UserWarning, match="secure_mode"):
+        _, first = fit(synthetic, PrivacyConfig(secure_mode=True), rounds=1)
+        _, second = fit(synthetic, PrivacyConfig(secure_mode=True), rounds=1)
+    _, plain = fit(synthetic, PrivacyConfig(), rounds=1)
+    _, plain_again = fit(synthetic, PrivacyConfig(), rounds=1)
+    state = {
+        name: [c.clients["small"].noise_rng.get_state() for c in runs]
+        for name, runs in {"secure": (first, second), "plain": (plain, plain_again)}.items()
+    }
+    assert not torch.equal(*state["secure"])  # two secure runs draw different noise
+    assert torch.equal(*state["plain"])  # seeded runs reproduce theirs

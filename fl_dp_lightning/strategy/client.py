@@ -7,6 +7,7 @@ records, not a thousand models.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,7 +133,9 @@ def make_client(
     steps_per_epoch = poisson_steps_per_epoch(sample_rate) if poisson else n // batch_size
     noise_rng = None
     if privacy.enabled:
-        noise_rng = torch.Generator(device=device).manual_seed(client_seed(seed, index, NOISE_STREAM))
+        # secure mode: noise seeds come from the OS's entropy, not from the (public) run seed
+        noise_seed = secrets.randbits(63) if privacy.secure_mode else client_seed(seed, index, NOISE_STREAM)
+        noise_rng = torch.Generator(device=device).manual_seed(noise_seed)
     return ClientState(
         name=name,
         dataset=dataset,

@@ -201,6 +201,13 @@ class FederatedDPStrategy(SingleDeviceStrategy):
                 "Poisson sampling, so the reported epsilon is not a proven guarantee.",
                 stacklevel=2,
             )
+        if self.privacy.enabled and self.privacy.secure_mode:
+            warnings.warn(
+                "privacy.secure_mode: noise is drawn with Opacus's floating-point-attack-resistant sampling from "
+                "generators seeded by the OS's entropy (runs are not reproducible); torch's generator itself is not "
+                "a cryptographic RNG (Opacus's torchcsprng has no build for this torch version).",
+                stacklevel=2,
+            )
         self.clients = {
             name: make_client(
                 name,
