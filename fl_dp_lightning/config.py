@@ -120,6 +120,9 @@ class PrivacyConfig:
     """Sample each batch by including every record independently (the accounting assumes this)."""
     loss_reduction: str = "mean"
     """How the module's loss reduces over the batch (``mean`` or ``sum``); must match ``training_step``."""
+    fix_modules: bool = False
+    """Replace layers DP-SGD cannot train with Opacus's fixes, in place, before training
+    (BatchNorm becomes GroupNorm); off, such layers are refused with this fix named."""
     secure_mode: bool = False
     """Opacus secure mode: floating-point-attack-resistant noise sampling, noise seeded from OS entropy
     (not reproducible; 4x the noise draws)."""

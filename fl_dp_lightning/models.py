@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
+from torchvision.models.resnet import BasicBlock, ResNet
 
 
 def seed_cnn(num_classes: int = 10) -> nn.Sequential:
@@ -27,6 +28,40 @@ def seed_cnn(num_classes: int = 10) -> nn.Sequential:
         nn.ReLU(),
         nn.Linear(32, num_classes),
     )
+
+
+class OutOfPlaceBasicBlock(BasicBlock):
+    """torchvision's ResNet block with its residual added out of place.
+
+    Opacus's per-sample-gradient hooks cannot follow the stock block's in-place ``out += identity``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+def resnet18_groupnorm(num_classes: int = 10, in_channels: int = 3, groups: int = 32) -> ResNet:
+    """torchvision's ResNet-18 made trainable with DP-SGD: GroupNorm, no in-place operations.
+
+    Args:
+        num_classes: output classes.
+        in_channels: input channels (1 for MNIST-like images; the stem is then a 3x3 convolution).
+        groups: GroupNorm groups (at most the channel count of each layer).
+    """
+    model = ResNet(
+        OutOfPlaceBasicBlock,
+        [2, 2, 2, 2],
+        num_classes=num_classes,
+        norm_layer=lambda c: nn.GroupNorm(min(groups, c), c),
+    )
+    if in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    return model
 
 
 class LitClassifier(pl.LightningModule):

@@ -213,7 +213,7 @@ class ManualModule(UnawareModule):
 @pytest.mark.parametrize(
     ("module", "trainer_kwargs", "message"),
     [
-        (BatchNormModule, {}, "BatchNorm.*ModuleValidator.fix"),
+        (BatchNormModule, {}, "BatchNorm.*privacy.fix_modules=true"),
         (ManualModule, {}, "manual optimization is not supported"),
         (UnawareModule, {"accumulate_grad_batches": 2}, "accumulate_grad_batches=2"),
         (UnawareModule, {"gradient_clip_val": 1.0}, "gradient_clip_val=1.0"),

@@ -104,6 +104,8 @@ class FederatedDPStrategy(SingleDeviceStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             self._check_trainer(trainer)
+            if self.privacy.enabled and self.privacy.fix_modules:
+                self._fix_modules()  # before configure_optimizers sees the parameters
         super().setup(trainer)
         if trainer.state.fn != TrainerFn.FITTING:
             return
@@ -152,15 +154,34 @@ class FederatedDPStrategy(SingleDeviceStrategy):
         if problems:
             raise ValueError("FederatedDPStrategy cannot train with these settings:\n- " + "\n- ".join(problems))
 
+    def _fix_modules(self) -> None:
+        """Replaces, in place, every layer Opacus has a fixer for (BatchNorm -> GroupNorm, ...), and turns
+        in-place activations off (same numbers; in-place writes break Opacus's backward hooks)."""
+        module = self.lightning_module
+        for name in in_place_layers(module):
+            module.get_submodule(name).inplace = False
+            rank_zero_info(f"privacy.fix_modules: {name} no longer works in place")
+        for name, layer in list(module.named_modules()):
+            fixer = ModuleValidator.FIXERS.get(type(layer))
+            if fixer is None or not name:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            replacement = fixer(layer)
+            setattr(parent, child, replacement)
+            rank_zero_info(f"privacy.fix_modules: replaced {name} ({type(layer).__name__}) with {replacement}")
+
     def _make_private(self) -> None:
         """Wraps the module for per-sample gradients and the optimizer for clipping and noise."""
         module = self.lightning_module
-        errors = ModuleValidator.validate(module, strict=False)
+        errors = [str(e) for e in ModuleValidator.validate(module, strict=False)]
+        errors += [f"{name} works in place, which breaks per-sample gradient hooks" for name in in_place_layers(module)]
         if errors:
-            listed = "; ".join(str(e) for e in errors)
+            listed = "; ".join(errors)
             raise ValueError(
-                f"{type(module).__name__} has layers DP-SGD cannot train: {listed}. Fix: replace them "
-                "(e.g. opacus.validators.ModuleValidator.fix(model) turns BatchNorm into GroupNorm)."
+                f"{type(module).__name__} has layers DP-SGD cannot train: {listed}. Fix: set "
+                "privacy.fix_modules=true (PrivacyConfig(fix_modules=True)) to replace them in place with Opacus's "
+                "fixes (BatchNorm becomes GroupNorm), or replace them in your module."
             )
         # Hooks go on the module's own layers; Lightning keeps calling the LightningModule itself.
         self._grad_sample_module = GradSampleModule(
@@ -324,7 +345,16 @@ class FederatedDPStrategy(SingleDeviceStrategy):
             # Poisson sampling drew no record: the DP step must still add noise and be accounted,
             # but the user's step would average an empty loss into NaN.
             return torch.zeros((), device=self.root_device, requires_grad=True)
-        output = super().training_step(*args, **kwargs)
+        try:
+            output = super().training_step(*args, **kwargs)
+        except RuntimeError as err:
+            if self._grad_sample_module is None or "BackwardHookFunction" not in str(err):
+                raise
+            raise ValueError(
+                "the module's forward modifies a layer's output in place (for example torchvision ResNet's "
+                "`out += identity`), which Opacus's per-sample-gradient hooks cannot follow; nothing was trained. "
+                "Fix: write it out of place (`out = out + identity`), e.g. fl_dp_lightning.models.resnet18_groupnorm()."
+            ) from err
         self._record_metrics(output)
         return output
 
@@ -442,6 +472,11 @@ class FederatedDPStrategy(SingleDeviceStrategy):
             self._grad_sample_module._close()  # removes Opacus's hooks: the user's module comes back clean
             self._grad_sample_module = None
         super().teardown()
+
+
+def in_place_layers(module: torch.nn.Module) -> list[str]:
+    """Names of the submodules set to work in place (``nn.ReLU(inplace=True)`` and the like)."""
+    return [name for name, layer in module.named_modules() if getattr(layer, "inplace", False) is True]
 
 
 class _RoundIterable:
