@@ -11,6 +11,7 @@ The classic bound is never smaller; both are valid upper bounds on epsilon.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 from opacus.accountants import IAccountant, RDPAccountant, create_accountant
@@ -61,7 +62,18 @@ def make_accountant(name: str, conversion: str = "improved") -> IAccountant:
 
 
 def epsilon_spent(accountant: IAccountant, delta: float) -> float:
-    """Epsilon spent so far at ``delta``; 0 before the first step."""
+    """Epsilon spent so far at ``delta``; 0 before the first step.
+
+    Epsilon depends only on the accountant's kind, its history and delta, so it is computed once per distinct
+    history: a thousand clients with the same sample rate cost one computation, not a thousand.
+    """
     if len(accountant.history) == 0:
         return 0.0
+    return _epsilon(type(accountant), tuple(tuple(entry) for entry in accountant.history), delta)
+
+
+@lru_cache(maxsize=4096)
+def _epsilon(kind: type[IAccountant], history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    accountant = kind()
+    accountant.history = [tuple(entry) for entry in history]
     return float(accountant.get_epsilon(delta=delta))

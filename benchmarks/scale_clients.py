@@ -1,0 +1,132 @@
+"""Seconds per round and peak memory against the number of clients (one process), seed CNN, DP-SGD.
+
+Each client holds 60 synthetic 1x28x28 examples; expected batch 30 (2 steps per client per round). Each client
+count runs in its own process so that peak memory (ru_maxrss) is its own. Prints a table, saves JSON and, when
+matplotlib is installed, a PNG plot next to it.
+
+    python benchmarks/scale_clients.py [--clients 2 10 100 1000] [--rounds 2] [--out benchmarks/results/scale_clients.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+EXAMPLES_PER_CLIENT, BATCH = 60, 30
+
+
+def one_run(clients: int, rounds: int) -> dict:
+    """Trains ``rounds`` rounds with ``clients`` clients in this process; returns timings and memory."""
+    import lightning.pytorch as pl
+    import torch
+
+    from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, LitClassifier
+    from fl_dp_lightning.cli import RoundTimer
+    from fl_dp_lightning.data.sources import load_synthetic
+
+    warnings.filterwarnings("ignore")
+    source = load_synthetic(train_size=clients * EXAMPLES_PER_CLIENT, test_size=200, seed=0)
+    datamodule = FederatedDataModule(train=source.train, test=source.test, clients=clients, batch_size=BATCH)
+    datamodule.setup("fit")
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    timer = RoundTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=FederatedDPStrategy(),
+        max_epochs=rounds,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
+    pl.seed_everything(0, verbose=False)
+    trainer.fit(LitClassifier(), datamodule)
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    data_mb = sum(t.numel() * t.element_size() for t in source.train.tensors) / 2**20
+    return {
+        "clients": clients,
+        "seconds_per_round": timer.seconds,
+        "steps_per_round": sum(c.steps_per_round for c in trainer.strategy.clients.values()),
+        "peak_rss_mb": rss_after / 1024,
+        "rss_growth_during_training_mb": (rss_after - rss_before) / 1024,
+        "training_data_mb": data_mb,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[2, 10, 100, 1000])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale_clients.json")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one count, print JSON
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_run(args.one, args.rounds)))
+        return
+
+    rows = []
+    for clients in args.clients:
+        start = time.perf_counter()
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", str(clients), "--rounds", str(args.rounds)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row["wall_seconds"] = time.perf_counter() - start
+        rows.append(row)
+    print(
+        f"{'clients':>8} {'steps/round':>12} {'s/round (last)':>15} {'ms/step':>8} {'peak RSS MB':>12} {'RSS growth MB':>14}"
+    )
+    for r in rows:
+        last = r["seconds_per_round"][-1]
+        print(
+            f"{r['clients']:8d} {r['steps_per_round']:12d} {last:15.2f} {1000 * last / r['steps_per_round']:8.2f} "
+            f"{r['peak_rss_mb']:12.0f} {r['rss_growth_during_training_mb']:14.1f}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "scale_clients",
+                "examples_per_client": EXAMPLES_PER_CLIENT,
+                "batch_size": BATCH,
+                "rounds": args.rounds,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
+    print(f"saved {args.out}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    counts = [r["clients"] for r in rows]
+    left.loglog(counts, [r["seconds_per_round"][-1] for r in rows], "o-")
+    left.set(xlabel="clients", ylabel="seconds per round", title="time (2 steps per client)")
+    right.semilogx(counts, [r["peak_rss_mb"] for r in rows], "o-")
+    right.set(xlabel="clients", ylabel="peak RSS (MB)", title="memory")
+    fig.tight_layout()
+    fig.savefig(args.out.with_suffix(".png"), dpi=100)
+    print(f"saved {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
