@@ -18,8 +18,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/seed_round.py $(ARGS)
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
+	$(PY) benchmarks/seed_round.py
+	$(PY) benchmarks/scale_clients.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check fl_dp_lightning tests benchmarks train.py
-	$(VENV)/bin/ruff format --check fl_dp_lightning tests benchmarks train.py
+	$(VENV)/bin/ruff check fl_dp_lightning tests benchmarks examples train.py
+	$(VENV)/bin/ruff format --check fl_dp_lightning tests benchmarks examples train.py

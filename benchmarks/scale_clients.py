@@ -4,7 +4,7 @@ Each client holds 60 synthetic 1x28x28 examples; expected batch 30 (2 steps per 
 count runs in its own process so that peak memory (ru_maxrss) is its own. Prints a table, saves JSON and, when
 matplotlib is installed, a PNG plot next to it.
 
-    python benchmarks/scale_clients.py [--clients 2 10 100 1000] [--rounds 2] [--out benchmarks/results/scale_clients.json]
+    python benchmarks/scale_clients.py [--clients 2 10 100 1000] [--rounds 2] [--out PATH]
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def main() -> None:
         row["wall_seconds"] = time.perf_counter() - start
         rows.append(row)
     print(
-        f"{'clients':>8} {'steps/round':>12} {'s/round (last)':>15} {'ms/step':>8} {'peak RSS MB':>12} {'RSS growth MB':>14}"
+        f"{'clients':>8} {'steps/round':>12} {'s/round (last)':>15} {'ms/step':>8} "
+        f"{'peak RSS MB':>12} {'RSS growth MB':>14}"
     )
     for r in rows:
         last = r["seconds_per_round"][-1]

@@ -56,3 +56,23 @@ def test_a_checkpoint_without_federated_state_is_refused(synthetic, tmp_path):
     torch.save(checkpoint, path)
     with pytest.raises(ValueError, match="not written by FederatedDPStrategy"):
         fit(synthetic, 2, ckpt_dir=tmp_path, ckpt_path=path)
+
+
+def test_a_checkpoint_write_that_dies_halfway_leaves_the_previous_checkpoint_intact(synthetic, tmp_path, monkeypatch):
+    from fsspec.implementations.local import LocalFileOpener
+
+    _, strategy = fit(synthetic, 1, ckpt_dir=tmp_path)
+    path = tmp_path / "last.ckpt"
+    before = path.read_bytes()
+    real_write = LocalFileOpener.write
+
+    def dies_halfway(self, data):
+        real_write(self, data[: len(data) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(LocalFileOpener, "write", dies_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        strategy.lightning_module.trainer.save_checkpoint(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [path]  # no partial file left beside it
