@@ -27,10 +27,10 @@ def fit(synthetic, rounds, *, privacy=PRIVACY, ckpt_dir=None, ckpt_path=None, fr
 
 
 @pytest.mark.parametrize("fraction", [1.0, 2 / 3])
-def test_kill_after_round_2_and_resume_to_round_4_equals_the_uninterrupted_run(synthetic, tmp_path, fraction):
-    full_module, full = fit(synthetic, 4, fraction=fraction)
+def test_kill_after_round_2_and_resume_to_round_5_equals_the_uninterrupted_run(synthetic, tmp_path, fraction):
+    full_module, full = fit(synthetic, 5, fraction=fraction)
     fit(synthetic, 2, ckpt_dir=tmp_path, fraction=fraction)  # the run that was killed after round 2
-    resumed_module, resumed = fit(synthetic, 4, ckpt_dir=tmp_path, ckpt_path=tmp_path / "last.ckpt", fraction=fraction)
+    resumed_module, resumed = fit(synthetic, 5, ckpt_dir=tmp_path, ckpt_path=tmp_path / "last.ckpt", fraction=fraction)
 
     for key, value in weights(full_module).items():
         assert torch.allclose(weights(resumed_module)[key], value, atol=1e-6, rtol=0), key
