@@ -31,3 +31,21 @@ def test_dirichlet_partition_covers_every_index_and_skews_labels():
     # with alpha 0.1 most clients are dominated by few classes: the top class holds > 40% of a share
     top = [torch.bincount(labels[s], minlength=10).max().item() / max(len(s), 1) for s in shares if len(s)]
     assert sum(t > 0.4 for t in top) >= 3
+
+
+def test_the_data_module_splits_any_dataset_by_label_for_dirichlet():
+    from torch.utils.data import Dataset
+
+    from fl_dp_lightning import FederatedDataModule
+
+    class Pairs(Dataset):  # a map-style data set that is not a TensorDataset
+        def __len__(self):
+            return 200
+
+        def __getitem__(self, i):
+            return torch.full((2,), float(i)), i % 4
+
+    dm = FederatedDataModule(train=Pairs(), test=Pairs(), clients=3, partition="dirichlet", dirichlet_alpha=0.3)
+    dm.setup("fit")
+    seen = sorted(int(ds[j][0][0]) for ds in dm.client_datasets.values() for j in range(len(ds)))
+    assert seen == list(range(200))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler, Subset, TensorDataset
 
@@ -160,7 +161,10 @@ class FederatedDataModule(pl.LightningDataModule):
         hp, n = self.hparams, len(self.client_names)
         if hp.partition == "iid":
             return iid_partition(len(train), n, hp.seed)
-        labels = train.tensors[1] if isinstance(train, TensorDataset) else [train[i][1] for i in range(len(train))]
+        if isinstance(train, TensorDataset):
+            labels = train.tensors[1]
+        else:
+            labels = torch.as_tensor([int(train[i][1]) for i in range(len(train))])
         return dirichlet_partition(labels, n, hp.dirichlet_alpha, hp.seed)
 
     def train_dataloader(self) -> ClientDatasets:

@@ -88,6 +88,7 @@ class FederatedDPStrategy(SingleDeviceStrategy):
         self._average = RunningAverage()
         self._client: ClientState | None = None
         self._metric_sums: dict[str, Tensor] = {}
+        self._metric_steps = 0
         self._batch_idx = -1
         self._empty_batch = False
 
@@ -338,6 +339,7 @@ class FederatedDPStrategy(SingleDeviceStrategy):
             self._dp_optimizer.attach_step_hook(client.accountant.get_optimizer_hook_fn(sample_rate=client.sample_rate))
         self._client = client
         self._metric_sums = {}
+        self._metric_steps = 0
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -364,7 +366,7 @@ class FederatedDPStrategy(SingleDeviceStrategy):
             if isinstance(value, Tensor) and value.numel() == 1:
                 value = value.detach().float().reshape(())
                 self._metric_sums[key] = self._metric_sums[key] + value if key in self._metric_sums else value
-        self._metric_sums["_count"] = self._metric_sums.get("_count", 0) + 1
+        self._metric_steps += 1
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
@@ -388,8 +390,8 @@ class FederatedDPStrategy(SingleDeviceStrategy):
         client = self._client
         state = self.lightning_module.state_dict()
         self._average.add(state, weight=client.num_examples)
-        count = self._metric_sums.pop("_count", 0)
-        metrics = {k: float(v) / count for k, v in self._metric_sums.items()} if count else {}
+        steps = self._metric_steps
+        metrics = {k: float(v) / steps for k, v in self._metric_sums.items()} if steps else {}
         self.last_round.append(
             ClientReport(client.name, client.num_examples, client.epsilon(self.privacy.delta), metrics)
         )
@@ -433,7 +435,7 @@ class FederatedDPStrategy(SingleDeviceStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is None:
             raise ValueError(
