@@ -25,9 +25,9 @@ def one_run(clients: int, rounds: int) -> dict:
     """Trains ``rounds`` rounds with ``clients`` clients in this process; returns timings and memory."""
     import lightning.pytorch as pl
     import torch
+    from common import timed_fit  # benchmarks/ is on sys.path when run as a script
 
     from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, LitClassifier
-    from fl_dp_lightning.cli import RoundTimer
     from fl_dp_lightning.data.sources import load_synthetic
 
     warnings.filterwarnings("ignore")
@@ -35,27 +35,15 @@ def one_run(clients: int, rounds: int) -> dict:
     datamodule = FederatedDataModule(train=source.train, test=source.test, clients=clients, batch_size=BATCH)
     datamodule.setup("fit")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    timer = RoundTimer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=FederatedDPStrategy(),
-        max_epochs=rounds,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[timer],
-    )
     pl.seed_everything(0, verbose=False)
-    trainer.fit(LitClassifier(), datamodule)
+    strategy = FederatedDPStrategy()
+    seconds = timed_fit(strategy, LitClassifier(), datamodule, rounds)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     data_mb = sum(t.numel() * t.element_size() for t in source.train.tensors) / 2**20
     return {
         "clients": clients,
-        "seconds_per_round": timer.seconds,
-        "steps_per_round": sum(c.steps_per_round for c in trainer.strategy.clients.values()),
+        "seconds_per_round": seconds,
+        "steps_per_round": sum(c.steps_per_round for c in strategy.clients.values()),
         "peak_rss_mb": rss_after / 1024,
         "rss_growth_during_training_mb": (rss_after - rss_before) / 1024,
         "training_data_mb": data_mb,

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from common import timed_fit  # benchmarks/ is on sys.path when a benchmark runs as a script
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
 from fl_dp_lightning.aggregation import fedavg
-from fl_dp_lightning.cli import RoundTimer
 from fl_dp_lightning.data.sources import DataSource, load_fashion_mnist
 
 BATCH, LR, NOISE, CLIP, DELTA = 128, 0.1, 1.2, 1.0, 1e-5
@@ -59,22 +59,10 @@ def plain_opacus_rounds(source: DataSource, clients: dict, init: torch.nn.Module
 
 def strategy_rounds(datamodule: FederatedDataModule, init: torch.nn.Module, rounds: int) -> list[float]:
     """The same workload through Lightning and FederatedDPStrategy. Seconds per client-epoch."""
-    timer = RoundTimer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=FederatedDPStrategy(privacy=PrivacyConfig(noise_multiplier=NOISE, max_grad_norm=CLIP, delta=DELTA)),
-        max_epochs=rounds,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[timer],
-    )
-    trainer.fit(LitClassifier(copy.deepcopy(init), lr=LR), datamodule)
+    strategy = FederatedDPStrategy(privacy=PrivacyConfig(noise_multiplier=NOISE, max_grad_norm=CLIP, delta=DELTA))
+    seconds = timed_fit(strategy, LitClassifier(copy.deepcopy(init), lr=LR), datamodule, rounds)
     clients = len(datamodule.client_names)
-    return [s / clients for s in timer.seconds]
+    return [s / clients for s in seconds]
 
 
 def main() -> None:
