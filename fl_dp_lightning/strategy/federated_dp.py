@@ -39,22 +39,9 @@ from fl_dp_lightning.strategy.schedule import RoundPlan, clients_per_round, plan
 CHECKPOINT_KEY = "fl_dp_lightning"
 
 
-class FederatedDPStrategy(SingleDeviceStrategy):
-    """Federated averaging over named clients, each training with DP-SGD (Opacus) on its own data.
-
-    Use with :class:`~fl_dp_lightning.FederatedDataModule` (or any ``train_dataloader`` that returns
-    :class:`~fl_dp_lightning.data.ClientDatasets`); the LightningModule needs no change.
-
-    Args:
-        privacy: DP-SGD settings; ``PrivacyConfig(enabled=False)`` trains plain federated averaging.
-        local_epochs: passes each client makes over its own data per round.
-        client_fraction: fraction of clients sampled to train in each round, in (0, 1].
-        seed: seed of the client sampling, the batch sampling and the noise streams.
-        device: the device to train on; by default the accelerator's first device.
-        log_rounds: add a :class:`~fl_dp_lightning.callbacks.FederatedLogger` when the Trainer has none.
-    """
-
-    strategy_name = "federated_dp"
+class FederatedRounds:
+    """The round logic shared by the single-process and the multi-process strategies (a mixin placed before a
+    Lightning strategy). The multi-process strategy overrides the three extension points below."""
 
     def __init__(
         self,
@@ -63,11 +50,10 @@ class FederatedDPStrategy(SingleDeviceStrategy):
         local_epochs: int = 1,
         client_fraction: float = 1.0,
         seed: int = 0,
-        device: _DEVICE | None = None,
         log_rounds: bool = True,
         **kwargs: Any,
     ):
-        super().__init__(device=device if device is not None else "cpu", **kwargs)
+        super().__init__(**kwargs)
         if local_epochs < 1:
             raise ValueError(f"local_epochs={local_epochs}: must be >= 1")
         if not 0 < client_fraction <= 1:
@@ -77,13 +63,14 @@ class FederatedDPStrategy(SingleDeviceStrategy):
         self.client_fraction = client_fraction
         self.seed = seed
         self.log_rounds = log_rounds
-        self._device_given = device is not None
         self.clients: dict[str, ClientState] = {}
         self.last_round: list[ClientReport] = []
         self._dp_optimizer: DPOptimizer | None = None
         self._grad_sample_module: GradSampleModule | None = None
         self._restored: dict[str, Any] | None = None
         self._plan: RoundPlan | None = None
+        self._local_plan: RoundPlan | None = None
+        self._round_total = 0
         self._global_state: dict[str, Tensor] = {}
         self._average = RunningAverage()
         self._client: ClientState | None = None
@@ -91,15 +78,22 @@ class FederatedDPStrategy(SingleDeviceStrategy):
         self._metric_steps = 0
         self._batch_idx = -1
         self._empty_batch = False
+        self._padding = False
+
+    # ------------------------------------------------- process extension points
+
+    def _rank_plan(self, plan: RoundPlan) -> RoundPlan:
+        """The part of the round this process trains (all of it in one process)."""
+        return plan
+
+    def _rank_round_length(self, plan: RoundPlan) -> int:
+        """Batches this process iterates in the round (processes must agree: Lightning syncs every step)."""
+        return plan.num_batches
+
+    def _combine_round(self) -> None:
+        """Combines the processes' partial FedAvg sums and client states (nothing to do in one process)."""
 
     # ----------------------------------------------------------------- setup
-
-    @property
-    @override
-    def root_device(self) -> torch.device:
-        if not self._device_given and isinstance(self.accelerator, CUDAAccelerator):
-            return torch.device("cuda", torch.cuda.current_device())
-        return self._root_device
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -271,28 +265,37 @@ class FederatedDPStrategy(SingleDeviceStrategy):
 
     # ------------------------------------------------------------ one round
 
+    def _full_plan(self, round_idx: int) -> RoundPlan:
+        steps = {name: c.steps_per_round for name, c in self.clients.items()}
+        return plan_round(steps, self.client_fraction, round_idx, self.seed)
+
     def round_length(self) -> int | None:
         """Batches in every round, or ``None`` when it varies with the sampled clients."""
-        steps = sorted(c.steps_per_round for c in self.clients.values())
-        m = clients_per_round(len(steps), self.client_fraction)
+        steps = {c.steps_per_round for c in self.clients.values()}
+        every_client = clients_per_round(len(self.clients), self.client_fraction) == len(self.clients)
         if self.privacy.enabled and self.privacy.max_epsilon is not None:
             return None  # clients over budget sit out
-        if m == len(steps) or steps[0] == steps[-1]:
-            return sum(steps[-m:])
+        if every_client or len(steps) == 1:
+            return self._rank_round_length(self._full_plan(0))
         return None
 
     def round_batches(self) -> Iterator[Any]:
-        """The current round's batches, client after client (starts the round when first advanced)."""
-        plan = self._start_round()
-        for name, _ in plan.segments:
+        """This process's batches of the current round, client after client, then empty padding batches
+        up to the length all processes share (starts the round when first advanced)."""
+        self._start_round()
+        for name, _ in self._local_plan.segments:
             client = self.clients[name]
             for indices in client.batch_indices():
                 yield take_batch(client.dataset, indices)
+        padding = take_batch(next(iter(self.clients.values())).dataset, [])
+        for _ in range(self._round_total - self._local_plan.num_batches):
+            yield padding
 
     def _start_round(self) -> RoundPlan:
         trainer = self.lightning_module.trainer
-        steps = {name: c.steps_per_round for name, c in self.clients.items()}
-        self._plan = self._within_budget(plan_round(steps, self.client_fraction, trainer.current_epoch, self.seed))
+        self._plan = self._within_budget(self._full_plan(trainer.current_epoch))
+        self._local_plan = self._rank_plan(self._plan)
+        self._round_total = self._rank_round_length(self._plan)
         self.last_round = []
         if not self._plan.segments:
             rank_zero_info(f"round {trainer.current_epoch + 1}: no client can train within the budget; stopping")
@@ -323,7 +326,8 @@ class FederatedDPStrategy(SingleDeviceStrategy):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
         self._batch_idx = batch_idx
-        name = self._plan.starts.get(batch_idx)
+        self._padding = batch_idx >= self._local_plan.num_batches
+        name = self._local_plan.starts.get(batch_idx)
         if name is not None:
             self._begin_client(self.clients[name])
         self._empty_batch = extract_batch_size(batch) == 0
@@ -379,11 +383,14 @@ class FederatedDPStrategy(SingleDeviceStrategy):
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if self._batch_idx in self._plan.ends:
+        if self._padding:
+            output = closure()  # keeps Lightning's loop in step with the other processes; no update, no noise
+        else:
+            output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._batch_idx in self._local_plan.ends:
             self._end_client()
-            if self._batch_idx == self._plan.num_batches - 1:
-                self._end_round()
+        if self._batch_idx == self._round_total - 1:
+            self._end_round()
         return output
 
     def _end_client(self) -> None:
@@ -398,6 +405,7 @@ class FederatedDPStrategy(SingleDeviceStrategy):
         self._client = None
 
     def _end_round(self) -> None:
+        self._combine_round()
         self.lightning_module.load_state_dict(self._average.result(self._global_state))
         self._plan = None
         self._global_state = {}
@@ -481,10 +489,39 @@ def in_place_layers(module: torch.nn.Module) -> list[str]:
     return [name for name, layer in module.named_modules() if getattr(layer, "inplace", False) is True]
 
 
+class FederatedDPStrategy(FederatedRounds, SingleDeviceStrategy):
+    """Federated averaging over named clients, each training with DP-SGD (Opacus) on its own data.
+
+    Use with :class:`~fl_dp_lightning.FederatedDataModule` (or any ``train_dataloader`` that returns
+    :class:`~fl_dp_lightning.data.ClientDatasets`); the LightningModule needs no change.
+
+    Args:
+        privacy: DP-SGD settings; ``PrivacyConfig(enabled=False)`` trains plain federated averaging.
+        local_epochs: passes each client makes over its own data per round.
+        client_fraction: fraction of clients sampled to train in each round, in (0, 1].
+        seed: seed of the client sampling, the batch sampling and the noise streams.
+        device: the device to train on; by default the accelerator's first device.
+        log_rounds: add a :class:`~fl_dp_lightning.callbacks.FederatedLogger` when the Trainer has none.
+    """
+
+    strategy_name = "federated_dp"
+
+    def __init__(self, *, device: _DEVICE | None = None, **kwargs: Any):
+        super().__init__(device=device if device is not None else "cpu", **kwargs)
+        self._device_given = device is not None
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        if not self._device_given and isinstance(self.accelerator, CUDAAccelerator):
+            return torch.device("cuda", torch.cuda.current_device())
+        return self._root_device
+
+
 class _RoundIterable:
     """What Lightning iterates as the training loader: one round's batches per ``iter``."""
 
-    def __init__(self, strategy: FederatedDPStrategy):
+    def __init__(self, strategy: FederatedRounds):
         self.strategy = strategy
 
     def __len__(self) -> int:
