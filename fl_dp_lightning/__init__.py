@@ -7,16 +7,18 @@ from fl_dp_lightning.config import ClientConfig, ConfigError, DataConfig, Privac
 from fl_dp_lightning.data import ClientDatasets, FederatedDataModule
 from fl_dp_lightning.models import LitClassifier, seed_cnn
 from fl_dp_lightning.privacy import epsilon_spent, make_accountant
-from fl_dp_lightning.strategy import FederatedDPStrategy
+from fl_dp_lightning.strategy import DistributedFederatedDPStrategy, FederatedDPStrategy
 
-if FederatedDPStrategy.strategy_name not in StrategyRegistry:
-    FederatedDPStrategy.register_strategies(StrategyRegistry)  # Trainer(strategy="federated_dp")
+for _strategy in (FederatedDPStrategy, DistributedFederatedDPStrategy):  # Trainer(strategy="federated_dp"), ...
+    if _strategy.strategy_name not in StrategyRegistry:
+        StrategyRegistry.register(_strategy.strategy_name, _strategy, description=_strategy.__doc__.splitlines()[0])
 
 __all__ = [
     "ClientConfig",
     "ClientDatasets",
     "ConfigError",
     "DataConfig",
+    "DistributedFederatedDPStrategy",
     "FederatedDPStrategy",
     "FederatedDataModule",
     "FederatedLogger",

@@ -14,10 +14,10 @@ from fl_dp_lightning.privacy.report import format_report, privacy_report
 
 
 def federated_strategy(trainer: pl.Trainer) -> Any:
-    """The trainer's FederatedDPStrategy; a clear error when another strategy is in use."""
-    from fl_dp_lightning.strategy import FederatedDPStrategy
+    """The trainer's federated strategy; a clear error when another strategy is in use."""
+    from fl_dp_lightning.strategy.federated_dp import FederatedRounds
 
-    if not isinstance(trainer.strategy, FederatedDPStrategy):
+    if not isinstance(trainer.strategy, FederatedRounds):
         raise TypeError(f"this callback needs Trainer(strategy=FederatedDPStrategy(...)), got {trainer.strategy}")
     return trainer.strategy
 

@@ -13,12 +13,14 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from fl_dp_lightning.callbacks import FederatedLogger, FederatedProgressBar
 from fl_dp_lightning.config import Config, ConfigError, HardwareConfig, require
 from fl_dp_lightning.data import FederatedDataModule
 from fl_dp_lightning.strategy import FederatedDPStrategy
+from fl_dp_lightning.strategy.distributed import DistributedFederatedDPStrategy
 
 
 def to_config(cfg: DictConfig | Config) -> Config:
@@ -52,12 +54,6 @@ def check_hardware(hardware: HardwareConfig) -> None:
             hardware.devices,
             f"only {visible} GPU(s) visible; lower hardware.devices",
         )
-    require(
-        hardware.devices == 1,
-        "hardware.devices",
-        hardware.devices,
-        "training across several processes is not available yet; use hardware.devices=1",
-    )
 
 
 class RoundTimer(Callback):
@@ -84,12 +80,14 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
     module = instantiate(conf.model)
     if not isinstance(module, pl.LightningModule):
         raise ConfigError(f"model._target_={conf.model.get('_target_')!r}: must build a LightningModule")
-    strategy = FederatedDPStrategy(
+    federated = dict(
         privacy=conf.privacy,
         local_epochs=conf.trainer.local_epochs,
         client_fraction=conf.client.fraction,
         seed=conf.trainer.seed,
     )
+    multi = conf.hardware.devices > 1
+    strategy = DistributedFederatedDPStrategy(**federated) if multi else FederatedDPStrategy(**federated)
     callbacks: list[Callback] = [
         FederatedLogger(),
         RoundTimer(),
@@ -108,6 +106,7 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
         enable_progress_bar=conf.trainer.progress_bar,
         num_sanity_val_steps=0,
         default_root_dir=str(run_dir),
+        use_distributed_sampler=False,  # every process validates on the whole shared test set
     )
     return trainer, module, datamodule
 
@@ -129,7 +128,8 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
         "delta": conf.privacy.delta if conf.privacy.enabled else None,
         "seconds_per_round": timer.seconds,
     }
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if trainer.is_global_zero:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
@@ -142,4 +142,5 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(results, indent=2))
+    if rank_zero_only.rank == 0:
+        print(json.dumps(results, indent=2))

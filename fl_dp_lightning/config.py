@@ -155,7 +155,7 @@ class HardwareConfig:
     accelerator: str = "cpu"
     """``cpu`` or ``gpu`` (CUDA)."""
     devices: int = 1
-    """Number of devices (processes); more than one needs the multi-process strategy."""
+    """Number of processes (one device each); more than one splits the clients among them."""
 
     def __post_init__(self) -> None:
         require(

@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from fl_dp_lightning import FederatedDPStrategy
+from fl_dp_lightning import DistributedFederatedDPStrategy, FederatedDPStrategy
 from fl_dp_lightning.cli import build, to_config
 from fl_dp_lightning.config import Config, ConfigError, register_configs
 
@@ -47,14 +47,14 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path, monkeyp
     if conf.hardware.accelerator == "gpu":  # the GPU options are checked as if one GPU were present
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    if conf.hardware.devices > 1:
-        with pytest.raises(ConfigError, match="hardware.devices"):
-            build(conf, tmp_path)
-        return
     if conf.hardware.accelerator == "gpu":
-        return  # Trainer(accelerator="gpu") needs a real GPU; the check above is what this machine can do
+        if conf.hardware.devices > 1:  # more GPUs than the one pretended
+            with pytest.raises(ConfigError, match="hardware.devices=2: only 1 GPU"):
+                build(conf, tmp_path)
+        return  # Trainer(accelerator="gpu") needs a real GPU; the checks above are what this machine can do
     trainer, module, datamodule = build(conf, tmp_path)
-    assert isinstance(trainer.strategy, FederatedDPStrategy)
+    expected = DistributedFederatedDPStrategy if conf.hardware.devices > 1 else FederatedDPStrategy
+    assert type(trainer.strategy) is expected and trainer.num_devices == conf.hardware.devices
     assert trainer.strategy.privacy == conf.privacy
     assert datamodule.client_names == conf.client.client_names()
 

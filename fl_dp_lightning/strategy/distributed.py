@@ -1,0 +1,82 @@
+"""DistributedFederatedDPStrategy: the same rounds spread over Lightning's processes (CPU gloo or GPUs, nodes).
+
+Each process owns a fixed subset of the clients (client ``i`` belongs to rank ``i % world_size``) and trains only
+those; nothing is all-reduced during local training (no DistributedDataParallel). Lightning synchronises every
+step, so each process pads its share of a round with empty batches up to the longest share. At the round's end
+one all-reduce adds the processes' float64 FedAvg sums and weights, and one all-gather shares the clients' lasting
+state and reports, so that every process holds the same global model, accountants and random streams; the
+checkpoint, written once by rank 0, is therefore complete.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.ddp import _sync_module_states
+from typing_extensions import override
+
+from fl_dp_lightning.aggregation import averaged_keys
+from fl_dp_lightning.strategy.federated_dp import FederatedRounds
+from fl_dp_lightning.strategy.schedule import RoundPlan
+
+
+class DistributedFederatedDPStrategy(FederatedRounds, DDPStrategy):
+    """:class:`~fl_dp_lightning.FederatedDPStrategy` over several processes, launched by Lightning.
+
+    Takes the federated arguments of ``FederatedDPStrategy`` (``privacy``, ``local_epochs``, ``client_fraction``,
+    ``seed``, ``log_rounds``) and Lightning's ``DDPStrategy`` arguments (``start_method``,
+    ``process_group_backend``, ...). Use ``Trainer(devices=N, num_nodes=M, strategy=...)``: with ``torchrun`` or
+    SLURM, Lightning's own launchers start the processes.
+    """
+
+    strategy_name = "federated_dp_ddp"
+
+    def owner(self, client: str) -> int:
+        """The rank that trains ``client``."""
+        return list(self.clients).index(client) % self.world_size
+
+    @override
+    def configure_ddp(self) -> None:
+        # clients train apart and meet only at round end: no DistributedDataParallel, same initial weights
+        _sync_module_states(self.model)
+
+    @override
+    def _rank_plan(self, plan: RoundPlan) -> RoundPlan:
+        return RoundPlan(plan.round_idx, tuple(s for s in plan.segments if self.owner(s[0]) == self.global_rank))
+
+    @override
+    def _rank_round_length(self, plan: RoundPlan) -> int:
+        per_rank = [0] * self.world_size
+        for name, steps in plan.segments:
+            per_rank[self.owner(name)] += steps
+        return max(per_rank)
+
+    @override
+    def _combine_round(self) -> None:
+        average, template = self._average, self._global_state
+        keys = averaged_keys(template)
+        parts = [
+            average.summed.get(k, torch.zeros(template[k].shape, dtype=torch.float64, device=template[k].device))
+            for k in keys
+        ]
+        flat = torch.cat([p.flatten() for p in parts] + [parts[0].new_tensor([average.total_weight])])
+        dist.all_reduce(flat)
+        summed, offset = {}, 0
+        for key, part in zip(keys, parts):
+            summed[key] = flat[offset : offset + part.numel()].view(part.shape)
+            offset += part.numel()
+        average.summed, average.total_weight = summed, float(flat[-1])
+
+        mine = {name: self.clients[name].state_dict() for name in self._local_plan.clients}
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, (mine, self.last_round))
+        reports = {}
+        for states, rank_reports in gathered:
+            for name, state in states.items():
+                if name not in mine:
+                    self.clients[name].load_state_dict(state)
+            reports.update({r.client: r for r in rank_reports})
+        self.last_round = [reports[name] for name in self._plan.clients]

@@ -1,0 +1,52 @@
+"""Two CPU processes (gloo) give the same global weights and epsilons as one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, PrivacyConfig
+from fl_dp_lightning.strategy.distributed import DistributedFederatedDPStrategy
+
+from .test_strategy import small_classifier, split, weights
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+
+def run(synthetic, strategy, devices, root):
+    parts = split(synthetic.train, [300, 500, 400])  # unequal: ranks get shares of different lengths
+    datamodule = FederatedDataModule(train=dict(zip("abc", parts)), test=synthetic.test, batch_size=40)
+    pl.seed_everything(0)
+    module = small_classifier()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        default_root_dir=str(root),
+    )
+    trainer.fit(module, datamodule)
+    report = json.loads((Path(root) / "privacy_report.json").read_text())
+    return module, {name: row["epsilon"] for name, row in report["clients"].items()}, report
+
+
+def test_two_gloo_processes_equal_one_process(synthetic, tmp_path):
+    privacy = PrivacyConfig(noise_multiplier=1.0)
+    one_module, one_eps, _ = run(synthetic, FederatedDPStrategy(privacy=privacy, seed=3), 1, tmp_path / "one")
+    two = DistributedFederatedDPStrategy(privacy=privacy, seed=3, start_method="spawn", process_group_backend="gloo")
+    two_module, two_eps, report = run(synthetic, two, 2, tmp_path / "two")
+
+    for key, value in weights(one_module).items():
+        assert torch.allclose(weights(two_module)[key], value, atol=1e-5, rtol=0), key
+    assert two_eps == pytest.approx(one_eps, abs=1e-12)
+    assert {name: row["steps"] for name, row in report["clients"].items()} == {"a": 21, "b": 36, "c": 30}
