@@ -21,13 +21,13 @@ from pathlib import Path
 EXAMPLES_PER_CLIENT, BATCH = 60, 30
 
 
-def one_run(clients: int, rounds: int) -> dict:
-    """Trains ``rounds`` rounds with ``clients`` clients in this process; returns timings and memory."""
+def one_run(clients: int, rounds: int, processes: int = 1) -> dict:
+    """Trains ``rounds`` rounds with ``clients`` clients in ``processes`` processes; returns timings and memory."""
     import lightning.pytorch as pl
     import torch
     from common import timed_fit  # benchmarks/ is on sys.path when run as a script
 
-    from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, LitClassifier
+    from fl_dp_lightning import DistributedFederatedDPStrategy, FederatedDataModule, FederatedDPStrategy, LitClassifier
     from fl_dp_lightning.data.sources import load_synthetic
 
     warnings.filterwarnings("ignore")
@@ -36,14 +36,18 @@ def one_run(clients: int, rounds: int) -> dict:
     datamodule.setup("fit")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     pl.seed_everything(0, verbose=False)
-    strategy = FederatedDPStrategy()
-    seconds = timed_fit(strategy, LitClassifier(), datamodule, rounds)
+    if processes == 1:
+        strategy = FederatedDPStrategy()
+    else:
+        strategy = DistributedFederatedDPStrategy(start_method="spawn", process_group_backend="gloo")
+    seconds = timed_fit(strategy, LitClassifier(), datamodule, rounds, devices=processes)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     data_mb = sum(t.numel() * t.element_size() for t in source.train.tensors) / 2**20
     return {
         "clients": clients,
+        "processes": processes,
         "seconds_per_round": seconds,
-        "steps_per_round": sum(c.steps_per_round for c in strategy.clients.values()),
+        "steps_per_round": 2 * clients,  # 60 examples, expected batch 30: int(1 / 0.5) steps each
         "peak_rss_mb": rss_after / 1024,
         "rss_growth_during_training_mb": (rss_after - rss_before) / 1024,
         "training_data_mb": data_mb,
@@ -55,25 +59,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[2, 10, 100, 1000])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--processes", type=int, nargs="+", default=[1, 2], help="process counts, at the largest client count"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale_clients.json")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one count, print JSON
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_run(args.one, args.rounds)))
+        print(json.dumps(one_run(args.one, args.rounds, args.processes[0])))
         return
 
-    rows = []
-    for clients in args.clients:
+    def measure(clients: int, processes: int) -> dict:
         start = time.perf_counter()
-        out = subprocess.run(
-            [sys.executable, __file__, "--one", str(clients), "--rounds", str(args.rounds)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        command = [sys.executable, __file__, "--one", str(clients), "--rounds", str(args.rounds)]
+        out = subprocess.run([*command, "--processes", str(processes)], capture_output=True, text=True, check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
         row["wall_seconds"] = time.perf_counter() - start
-        rows.append(row)
+        return row
+
+    rows = [measure(clients, 1) for clients in args.clients]
+    by_processes = [measure(args.clients[-1], processes) for processes in args.processes]
     print(
         f"{'clients':>8} {'steps/round':>12} {'s/round (last)':>15} {'ms/step':>8} "
         f"{'peak RSS MB':>12} {'RSS growth MB':>14}"
@@ -84,19 +89,20 @@ def main() -> None:
             f"{r['clients']:8d} {r['steps_per_round']:12d} {last:15.2f} {1000 * last / r['steps_per_round']:8.2f} "
             f"{r['peak_rss_mb']:12.0f} {r['rss_growth_during_training_mb']:14.1f}"
         )
+    print(f"\n{args.clients[-1]} clients by processes (more than one: whole fit timed, process start-up included)")
+    print(f"{'processes':>9} {'s/round':>8}")
+    for r in by_processes:
+        print(f"{r['processes']:9d} {r['seconds_per_round'][-1]:8.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "benchmark": "scale_clients",
-                "examples_per_client": EXAMPLES_PER_CLIENT,
-                "batch_size": BATCH,
-                "rounds": args.rounds,
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "benchmark": "scale_clients",
+        "examples_per_client": EXAMPLES_PER_CLIENT,
+        "batch_size": BATCH,
+        "rounds": args.rounds,
+        "rows": rows,
+        "by_processes_at_largest_client_count": by_processes,
+    }
+    args.out.write_text(json.dumps(result, indent=2))
     print(f"saved {args.out}")
     try:
         import matplotlib
