@@ -86,7 +86,7 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
         client_fraction=conf.client.fraction,
         seed=conf.trainer.seed,
     )
-    multi = conf.hardware.devices > 1
+    multi = conf.hardware.devices * conf.hardware.num_nodes > 1
     strategy = DistributedFederatedDPStrategy(**federated) if multi else FederatedDPStrategy(**federated)
     callbacks: list[Callback] = [
         FederatedLogger(),
@@ -98,6 +98,7 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
     trainer = pl.Trainer(
         accelerator=conf.hardware.accelerator,
         devices=conf.hardware.devices,
+        num_nodes=conf.hardware.num_nodes,
         strategy=strategy,
         max_epochs=conf.trainer.rounds,
         logger=TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""),

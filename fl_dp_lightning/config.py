@@ -155,9 +155,12 @@ class HardwareConfig:
     accelerator: str = "cpu"
     """``cpu`` or ``gpu`` (CUDA)."""
     devices: int = 1
-    """Number of processes (one device each); more than one splits the clients among them."""
+    """Processes per node (one device each); more than one process splits the clients among them."""
+    num_nodes: int = 1
+    """Nodes (machines); launched by torchrun or SLURM, which Lightning detects."""
 
     def __post_init__(self) -> None:
+        require(self.num_nodes >= 1, "hardware.num_nodes", self.num_nodes, "must be >= 1")
         require(
             self.accelerator in ACCELERATORS,
             "hardware.accelerator",
