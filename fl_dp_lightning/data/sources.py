@@ -35,7 +35,6 @@ class DataSource:
     test: TensorDataset
     origin: str
     """Where the data came from, e.g. ``torchvision MNIST at data/`` (logged with the run's hparams)."""
-    num_classes: int = 10
 
 
 def read_idx(path: Path) -> Tensor:
