@@ -12,6 +12,7 @@ import torch
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, PrivacyConfig
 from fl_dp_lightning.strategy.distributed import DistributedFederatedDPStrategy
 
+from .conftest import make_trainer
 from .test_strategy import small_classifier, split, weights
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
@@ -22,18 +23,8 @@ def run(synthetic, strategy, devices, root):
     datamodule = FederatedDataModule(train=dict(zip("abc", parts)), test=synthetic.test, batch_size=40)
     pl.seed_everything(0)
     module = small_classifier()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        max_epochs=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
-        default_root_dir=str(root),
+    trainer = make_trainer(
+        strategy, 3, devices=devices, limit_val_batches=0, use_distributed_sampler=False, default_root_dir=str(root)
     )
     trainer.fit(module, datamodule)
     report = json.loads((Path(root) / "privacy_report.json").read_text())
@@ -55,8 +46,6 @@ def test_two_gloo_processes_equal_one_process(synthetic, tmp_path):
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 def test_a_checkpoint_from_two_processes_resumes_in_one_exactly(synthetic, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from .conftest import make_trainer
 
     privacy = PrivacyConfig(noise_multiplier=1.0)
     parts = split(synthetic.train, [300, 500, 400])
