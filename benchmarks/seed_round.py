@@ -27,12 +27,12 @@ from torch.utils.data import DataLoader
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
 from fl_dp_lightning.aggregation import fedavg
-from fl_dp_lightning.data.sources import DataSource, load_fashion_mnist
+from fl_dp_lightning.data.sources import load_fashion_mnist
 
 BATCH, LR, NOISE, CLIP, DELTA = 128, 0.1, 1.2, 1.0, 1e-5
 
 
-def plain_opacus_rounds(source: DataSource, clients: dict, init: torch.nn.Module, rounds: int) -> list[float]:
+def plain_opacus_rounds(clients: dict, init: torch.nn.Module, rounds: int) -> list[float]:
     """The seed's loop: per client a model copy, SGD, PrivacyEngine; FedAvg by hand. Seconds per client-epoch."""
     global_model, seconds = copy.deepcopy(init), []
     for _ in range(rounds):
@@ -80,7 +80,7 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     init = LitClassifier().net
 
-    baseline = plain_opacus_rounds(source, datamodule.client_datasets, init, args.rounds)
+    baseline = plain_opacus_rounds(datamodule.client_datasets, init, args.rounds)
     ours = strategy_rounds(datamodule, init, args.rounds)
     rows = {
         "plain PyTorch + Opacus (seed style)": statistics.median(baseline),

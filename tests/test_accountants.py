@@ -81,3 +81,20 @@ def test_unknown_accountant_or_conversion_is_refused():
         make_accountant("moments")
     with pytest.raises(ValueError, match="privacy.rdp_conversion='loose'"):
         make_accountant("rdp", "loose")
+
+
+@pytest.mark.filterwarnings("ignore:GDP accounting is experimental")
+@pytest.mark.parametrize(("q", "sigma", "steps"), SETTINGS)
+def test_gdp_equals_the_central_limit_gdp_bound_computed_independently(q, sigma, steps):
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    # Poisson-subsampled Gaussian under the CLT (Bu et al. 2020): mu = q sqrt(T (e^{1/sigma^2} - 1)),
+    # then the mu-GDP curve delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2), solved for delta
+    mu = q * np.sqrt(steps * (np.exp(sigma**-2) - 1))
+
+    def delta_at(eps: float) -> float:
+        return norm.cdf(-eps / mu + mu / 2) - np.exp(eps) * norm.cdf(-eps / mu - mu / 2) - DELTA
+
+    expected = brentq(delta_at, 1e-9, 100)
+    assert epsilon_spent(accountant_after("gdp", q, sigma, steps), DELTA) == pytest.approx(expected, rel=1e-3)

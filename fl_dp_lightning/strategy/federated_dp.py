@@ -237,8 +237,8 @@ class FederatedRounds:
             )
             for index, (name, dataset) in enumerate(data.datasets.items())
         }
-        if self.privacy.enabled and self.privacy.target_epsilon is not None:
-            self._calibrate_noise()
+        if self.privacy.enabled and self.privacy.target_epsilon is not None and self._restored is None:
+            self._calibrate_noise()  # on resume the checkpoint carries the noise chosen at the start
         if self._restored is not None:
             self._load_clients(self._restored)
 
