@@ -6,16 +6,17 @@ weights; the result is cast back to each tensor's dtype. Inputs are never modifi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from torch import Tensor
 
 StateDict = Mapping[str, Tensor]
 
 
-def averaged_keys(state: StateDict) -> list[str]:
-    """Keys that FedAvg averages: floating-point tensors (integer buffers such as counters are kept)."""
-    return [key for key, value in state.items() if value.is_floating_point()]
+def averaged_keys(state: StateDict, only: Collection[str] | None = None) -> list[str]:
+    """Keys that FedAvg averages: floating-point tensors (integer buffers such as counters are kept), restricted
+    to ``only`` when given (under DP, the parameters: buffers keep their global values)."""
+    return [key for key, value in state.items() if value.is_floating_point() and (only is None or key in only)]
 
 
 def weighted_sum(states: Sequence[StateDict], weights: Sequence[float]) -> dict[str, Tensor]:
@@ -61,9 +62,13 @@ class RunningAverage:
 
     ``add`` accumulates the same float64 sum as :func:`weighted_sum`; ``result`` equals :func:`fedavg` of
     everything added. ``summed`` and ``total_weight`` are exposed so processes can all-reduce them.
+
+    Args:
+        only: the keys to average (see :func:`averaged_keys`); the others keep the template's values.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, only: Collection[str] | None = None) -> None:
+        self.only = only
         self.summed: dict[str, Tensor] = {}
         self.total_weight = 0.0
         self.count = 0
@@ -72,7 +77,7 @@ class RunningAverage:
         """Adds ``weight * state`` to the sum."""
         if weight < 0:
             raise ValueError(f"weight must be non-negative, got {weight}")
-        for key in averaged_keys(state):
+        for key in averaged_keys(state, self.only):
             term = float(weight) * state[key].detach().double()
             self.summed[key] = self.summed[key] + term if key in self.summed else term
         self.total_weight += float(weight)

@@ -22,13 +22,30 @@ def federated_strategy(trainer: pl.Trainer) -> Any:
     return trainer.strategy
 
 
+def epsilon_text(strategy: Any, epsilon: float | None) -> str:
+    """How a per-round line shows a client's epsilon, with what it is worth."""
+    privacy = strategy.privacy
+    if not privacy.enabled:
+        return "no DP"
+    if epsilon is None:
+        return "ε not proven (privacy.poisson_sampling=false)"
+    text = f"ε = {epsilon:.2f} (δ = {privacy.delta:g})"
+    if privacy.accountant == "gdp":
+        text += " approximation"
+    if not strategy.guaranteed:
+        text += " NOT GUARANTEED (see the privacy report)"
+    return text
+
+
 class FederatedLogger(Callback):
     """After each round, logs and prints every client's training metrics and epsilon.
 
-    Logged to every attached Lightning logger with the round (0-based) as the step:
-    ``train/<metric>/<client>`` for the clients that trained, ``privacy/epsilon/<client>`` for every
-    client and ``privacy/epsilon_max``; the latter also reaches the progress bar and ``callback_metrics``
-    (so ``ModelCheckpoint``/``EarlyStopping`` can monitor it). Epsilons come from each client's accountant.
+    Logged to every attached Lightning logger with the round (0-based) as the step: ``privacy/epsilon/<client>``
+    for every client and ``privacy/epsilon_max``; the latter also reaches the progress bar and
+    ``callback_metrics`` (so ``ModelCheckpoint``/``EarlyStopping`` can monitor it). Epsilons come from each
+    client's accountant. Per-client training metrics (``train/<metric>/<client>``) are computed from private
+    records without noise, so they are logged only without privacy or under
+    ``privacy.unsafe_release_training_metrics``.
 
     At the end of training it writes the privacy report (JSON, see :mod:`fl_dp_lightning.privacy.report`) to
     ``report_path`` (default: ``<Trainer.default_root_dir>/privacy_report.json``) and logs it as a table.
@@ -44,7 +61,7 @@ class FederatedLogger(Callback):
         """The metrics of the round that just ended."""
         strategy = federated_strategy(trainer)
         metrics = {f"train/{k}/{r.client}": v for r in strategy.last_round for k, v in r.metrics.items()}
-        if strategy.privacy.enabled:
+        if strategy.privacy.enabled and strategy.privacy.poisson_sampling:
             epsilons = strategy.epsilons()
             metrics.update({f"privacy/epsilon/{name}": eps for name, eps in epsilons.items()})
             metrics["privacy/epsilon_max"] = max(epsilons.values())
@@ -56,19 +73,27 @@ class FederatedLogger(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.current_epoch)
         if "privacy/epsilon_max" in metrics:
-            pl_module.log("privacy/epsilon_max", metrics["privacy/epsilon_max"], prog_bar=True, logger=False)
-        delta = strategy.privacy.delta
+            # past the strategy's guard on training-stage logging: epsilon is public, it comes from the accountant
+            pl.LightningModule.log(
+                pl_module, "privacy/epsilon_max", metrics["privacy/epsilon_max"], prog_bar=True, logger=False
+            )
         for report in strategy.last_round:
-            shown = "  ".join(f"{k} {v:.4f}" for k, v in report.metrics.items())
-            privacy = "no DP" if report.epsilon is None else f"ε = {report.epsilon:.2f} (δ = {delta:g})"
+            shown = "".join(f"  {k} {v:.4f}" for k, v in report.metrics.items())
             rank_zero_info(
-                f"[{report.client}] round {trainer.current_epoch + 1}/{trainer.max_epochs}  {shown}  {privacy}"
+                f"[{report.client}] round {trainer.current_epoch + 1}/{trainer.max_epochs}{shown}  "
+                f"{epsilon_text(strategy, report.epsilon)}"
+            )
+        if strategy.withheld_logs and trainer.current_epoch == 0:
+            rank_zero_info(
+                f"Not released (computed from private records without noise): training-stage self.log "
+                f"{sorted(strategy.withheld_logs)}; validation and test metrics are released. For debugging only: "
+                "privacy.unsafe_release_training_metrics=true"
             )
 
     @rank_zero_only
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = federated_strategy(trainer)
-        report = privacy_report(strategy.clients, strategy.privacy)
+        report = privacy_report(strategy)
         path = self.report_path or Path(trainer.default_root_dir) / "privacy_report.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))

@@ -91,7 +91,8 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
     callbacks: list[Callback] = [
         FederatedLogger(),
         RoundTimer(),
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0),
+        # after every round (written atomically by the strategy), so a killed run resumes from its last round
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False),
     ]
     if conf.trainer.progress_bar:
         callbacks.append(FederatedProgressBar())

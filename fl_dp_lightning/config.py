@@ -7,12 +7,13 @@ way whichever door it comes through. Every error names the full config key and t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 DATA_SOURCES = ("mnist", "fashion_mnist", "synthetic")
 PARTITIONS = ("iid", "dirichlet")
-ACCOUNTANTS = ("rdp", "prv", "gdp")
+ACCOUNTANTS = ("pld", "rdp", "gdp")
 RDP_CONVERSIONS = ("improved", "classic")
 LOSS_REDUCTIONS = ("mean", "sum")
 ACCELERATORS = ("cpu", "gpu")
@@ -96,20 +97,25 @@ class ClientConfig:
 
 @dataclass
 class PrivacyConfig:
-    """Record-level DP-SGD run by every client on its own data (Opacus)."""
+    """Record-level DP-SGD run by every client on its own data (Opacus).
+
+    The guarantee is record-level (epsilon, delta)-DP per client under replace-one adjacency (see the README's
+    privacy section). The two ``unsafe_*`` keys weaken it and are named in every privacy report when on.
+    """
 
     enabled: bool = True
     """False trains plain federated averaging (no clipping, no noise, no accounting), for comparison."""
     noise_multiplier: float = 1.2
-    """Std of the Gaussian noise divided by ``max_grad_norm``; unitless, >= 0."""
+    """Std of the Gaussian noise divided by ``max_grad_norm``; unitless, > 0 (for no noise use privacy=none)."""
     max_grad_norm: float = 1.0
-    """Per-example gradient clipping bound (L2 norm, in gradient units); > 0."""
+    """Per-example gradient clipping bound (L2 norm, in gradient units); > 0, finite."""
     delta: float = 1e-5
     """Target delta of the (epsilon, delta) guarantee; probability, in (0, 1)."""
-    accountant: str = "rdp"
-    """Privacy accountant: ``rdp``, ``prv`` or ``gdp`` (Opacus's implementations)."""
+    accountant: str = "pld"
+    """Privacy accountant, all under replace-one adjacency: ``pld`` (privacy loss distribution, tight),
+    ``rdp`` (Renyi DP bound, looser) or ``gdp`` (central-limit approximation: no guarantee)."""
     rdp_conversion: str = "improved"
-    """RDP to (epsilon, delta): ``improved`` (Opacus's default) or ``classic`` (older papers, the seed)."""
+    """For ``accountant=rdp``, RDP to (epsilon, delta): ``improved`` (Opacus's default) or ``classic``."""
     target_epsilon: float | None = None
     """If set, each client's noise multiplier is calibrated before training so that its epsilon after all
     rounds lands at or just under this value (``noise_multiplier`` is then replaced, and the choice logged)."""
@@ -117,35 +123,102 @@ class PrivacyConfig:
     """Budget: a client sits out any round that would carry its epsilon past this; the run ends when no
     client can train. ``null`` means no budget."""
     poisson_sampling: bool = True
-    """Sample each batch by including every record independently (the accounting assumes this)."""
+    """Sample each batch by including every record independently. Off (shuffled fixed-size batches), no
+    guarantee is proven and epsilon is reported as "not proven"."""
     loss_reduction: str = "mean"
     """How the module's loss reduces over the batch (``mean`` or ``sum``); must match ``training_step``."""
     fix_modules: bool = False
     """Replace layers DP-SGD cannot train with Opacus's fixes, in place, before training
     (BatchNorm becomes GroupNorm); off, such layers are refused with this fix named."""
     secure_mode: bool = False
-    """Opacus secure mode: floating-point-attack-resistant noise sampling, noise seeded from OS entropy
-    (not reproducible; 4x the noise draws)."""
+    """Opacus's floating-point-attack-resistant noise sampling (4x the noise draws). Noise and sampling are
+    secret without it too (seeded from OS entropy)."""
+    unsafe_seeded_randomness: bool = False
+    """UNSAFE, for research and tests: seed the noise and batch sampling from ``trainer.seed`` so runs repeat
+    exactly. The guarantee then does not hold against anyone who knows the seed."""
+    unsafe_release_training_metrics: bool = False
+    """UNSAFE, for debugging: release what DP-SGD keeps inside a client (per-client training loss and metrics,
+    the module's training-stage ``self.log`` and raw gradients after backward). None of it is covered."""
 
     def __post_init__(self) -> None:
-        require(self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, "must be >= 0")
-        require(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "must be > 0")
-        require(0 < self.delta < 1, "privacy.delta", self.delta, "must be in (0, 1), e.g. 1e-5")
+        if self.accountant == "prv":
+            raise ConfigError(
+                "privacy.accountant='prv': Opacus's PRV accountant assumes add/remove adjacency, but each client's "
+                "record count is public here (replace-one); use privacy.accountant=pld (as tight as PRV)"
+            )
         require(
             self.accountant in ACCOUNTANTS,
             "privacy.accountant",
             self.accountant,
             f"choose one of {ACCOUNTANTS}",
         )
-        for key in ("target_epsilon", "max_epsilon"):
-            value = getattr(self, key)
-            require(value is None or value > 0, f"privacy.{key}", value, "must be > 0 (or null)")
+        require(
+            self.rdp_conversion in RDP_CONVERSIONS,
+            "privacy.rdp_conversion",
+            self.rdp_conversion,
+            f"choose one of {RDP_CONVERSIONS}",
+        )
         require(
             self.loss_reduction in LOSS_REDUCTIONS,
             "privacy.loss_reduction",
             self.loss_reduction,
             f"choose one of {LOSS_REDUCTIONS}",
         )
+        require(0 < self.delta < 1, "privacy.delta", self.delta, "must be in (0, 1), e.g. 1e-5")
+        require(
+            0 < self.max_grad_norm < math.inf, "privacy.max_grad_norm", self.max_grad_norm, "must be > 0 and finite"
+        )
+        for key in ("target_epsilon", "max_epsilon"):
+            value = getattr(self, key)
+            require(value is None or 0 < value < math.inf, f"privacy.{key}", value, "must be > 0 and finite (or null)")
+        if not self.enabled:
+            return
+        require(
+            0 < self.noise_multiplier < math.inf,
+            "privacy.noise_multiplier",
+            self.noise_multiplier,
+            "must be > 0 and finite: without noise there is no privacy (use privacy=none to train without DP)",
+        )
+        for key in ("target_epsilon", "max_epsilon"):
+            require(
+                getattr(self, key) is None or self.accountant != "gdp",
+                f"privacy.{key}",
+                getattr(self, key),
+                "needs a guaranteed epsilon, and accountant=gdp is an approximation; use privacy.accountant=pld",
+            )
+            require(
+                getattr(self, key) is None or self.poisson_sampling,
+                f"privacy.{key}",
+                getattr(self, key),
+                "needs a proven epsilon, which shuffled batches do not have; set privacy.poisson_sampling=true",
+            )
+        require(
+            not (self.secure_mode and self.unsafe_seeded_randomness),
+            "privacy.secure_mode",
+            self.secure_mode,
+            "contradicts privacy.unsafe_seeded_randomness=true; turn one of them off",
+        )
+
+    def weakened_by(self) -> list[str]:
+        """The settings in force that weaken the guarantee, each with what it costs."""
+        if not self.enabled:
+            return []
+        reasons = []
+        if self.unsafe_seeded_randomness:
+            reasons.append(
+                "privacy.unsafe_seeded_randomness: noise and sampling are a function of trainer.seed; "
+                "no guarantee against anyone who knows the seed"
+            )
+        if self.unsafe_release_training_metrics:
+            reasons.append(
+                "privacy.unsafe_release_training_metrics: per-client training metrics, the module's training-stage "
+                "self.log and raw gradients are released without noise and are not covered"
+            )
+        if not self.poisson_sampling:
+            reasons.append("privacy.poisson_sampling=false: no guarantee is proven for shuffled fixed-size batches")
+        if self.accountant == "gdp":
+            reasons.append("privacy.accountant=gdp: a central-limit approximation, not an upper bound")
+        return reasons
 
 
 @dataclass

@@ -15,7 +15,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
 from fl_dp_lightning.aggregation import fedavg
-from fl_dp_lightning.strategy.sampling import client_seed
+from fl_dp_lightning.privacy.randomness import client_seed
 
 from .conftest import RecordingLogger, make_trainer
 

@@ -1,11 +1,21 @@
-"""Privacy accountants: Opacus's RDP, PRV and GDP accountants, and RDP with the classic conversion.
+"""Privacy accountants under replace-one adjacency.
 
-Two RDP-to-(epsilon, delta) conversions are offered:
-- ``improved`` (Opacus's default; Balle et al. 2020, Thm 21):
-  ``eps = min_a rdp(a) - (log(delta) + log(a)) / (a - 1) + log((a - 1) / a)``
-- ``classic`` (Mironov 2017, Prop. 3; what older papers and the seed tutorial report):
-  ``eps = min_a rdp(a) - log(delta) / (a - 1)``, over integer orders 2..31 by default.
-The classic bound is never smaller; both are valid upper bounds on epsilon.
+Each client's record count n is public here (it sets the FedAvg weight, the sample rate q = B / n and the step
+count), so the guarantee is stated for data sets of the same size that differ in one record (replace-one).
+Poisson subsampling analysed as add/remove would understate epsilon (the seed workload: 0.75 add/remove,
+0.94 replace-one).
+
+- ``pld`` (default): the privacy loss distribution of the Poisson-subsampled Gaussian under replace-one
+  (Google's dp-accounting, pessimistic discretisation, so an upper bound that is tight to about 1e-3).
+- ``rdp``: Opacus's add/remove RDP of the subsampled Gaussian, carried to replace-one through the replacement's
+  intermediate data set (one record removed) with the weak triangle inequality of Renyi divergence
+  (Mironov 2017, Prop. 11, p = q = 2): ``rdp_r(a) <= (a - 1/2) / (a - 1) * rdp(2a) + rdp(2a - 1)``. A valid but
+  looser bound; converted to (epsilon, delta) with ``improved`` (Balle et al. 2020, Opacus's default) or
+  ``classic`` (Mironov 2017, Prop. 3) conversion.
+- ``gdp``: Opacus's central-limit Gaussian-DP approximation (add/remove). Not an upper bound; reported as an
+  approximation only, and refused where a number must be guaranteed (targets, budgets).
+
+Every accountant keeps Opacus's state: ``history`` of ``(noise_multiplier, sample_rate, steps)``.
 """
 
 from __future__ import annotations
@@ -14,13 +24,19 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
-from opacus.accountants import IAccountant, RDPAccountant, create_accountant
+from opacus.accountants import GaussianAccountant, IAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 from fl_dp_lightning.config import ACCOUNTANTS, RDP_CONVERSIONS
 
 CLASSIC_ORDERS: tuple[int, ...] = tuple(range(2, 32))
 """RDP orders of the classic conversion: 2..31, as in the seed tutorial."""
+
+ORDERS: tuple[float, ...] = tuple(a for a in RDPAccountant.DEFAULT_ALPHAS if a > 1)
+"""RDP orders of the improved conversion (Opacus's grid; order 1 has no replace-one bound)."""
+
+ADJACENCY = "replace-one"
+"""The adjacency every guaranteed epsilon is computed for."""
 
 
 def classic_rdp_to_dp(orders: Sequence[float], rdp: Sequence[float], delta: float) -> tuple[float, float]:
@@ -31,34 +47,91 @@ def classic_rdp_to_dp(orders: Sequence[float], rdp: Sequence[float], delta: floa
     return float(eps[best]), float(orders_arr[best])
 
 
-class ClassicRDPAccountant(RDPAccountant):
-    """Opacus's RDP accountant, converting to (epsilon, delta) with the classic bound over orders 2..31."""
+def add_remove_rdp(history: Sequence[tuple[float, float, int]], orders: Sequence[float]) -> np.ndarray:
+    """RDP of the composed Poisson-subsampled Gaussian steps under add/remove adjacency (Opacus's analysis)."""
+    return sum(
+        rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(orders))
+        for sigma, q, steps in history
+    )
+
+
+def replace_one_rdp(history: Sequence[tuple[float, float, int]], orders: Sequence[float]) -> np.ndarray:
+    """RDP under replace-one: D -> D minus x -> D minus x plus x', joined by the weak triangle inequality."""
+    a = np.asarray(orders, dtype=float)
+    if np.any(a <= 1):
+        raise ValueError("replace-one RDP needs orders > 1")
+    return (a - 0.5) / (a - 1) * add_remove_rdp(history, 2 * a) + add_remove_rdp(history, 2 * a - 1)
+
+
+class ReplaceOneRDPAccountant(RDPAccountant):
+    """Opacus's RDP accountant (same ``step``/``history``), reporting the replace-one bound."""
+
+    conversion = "improved"
 
     def get_privacy_spent(self, *, delta: float, alphas: Sequence[float] | None = None) -> tuple[float, float]:
         if not self.history:
             return 0.0, 0.0
-        orders = list(alphas) if alphas is not None else list(CLASSIC_ORDERS)
-        rdp = sum(
-            rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
-            for sigma, q, steps in self.history
-        )
-        return classic_rdp_to_dp(orders, rdp, delta)
+        if self.conversion == "classic":
+            orders = list(alphas) if alphas is not None else list(CLASSIC_ORDERS)
+            return classic_rdp_to_dp(orders, replace_one_rdp(self.history, orders), delta)
+        orders = list(alphas) if alphas is not None else list(ORDERS)
+        eps, order = rdp_analysis.get_privacy_spent(orders=orders, rdp=replace_one_rdp(self.history, orders), delta=delta)
+        return float(eps), float(order)
+
+
+class ClassicReplaceOneRDPAccountant(ReplaceOneRDPAccountant):
+    """:class:`ReplaceOneRDPAccountant` with the classic RDP conversion over orders 2..31."""
+
+    conversion = "classic"
+
+
+class ReplaceOnePLDAccountant(RDPAccountant):
+    """Privacy loss distribution accountant (dp-accounting) under replace-one; Opacus's ``step``/``history``."""
+
+    @classmethod
+    def mechanism(cls) -> str:
+        return "pld"
+
+    def get_epsilon(self, delta: float, **kwargs: object) -> float:
+        if not self.history:
+            return 0.0
+        return pld_epsilon(tuple(tuple(h) for h in self.history), delta)
+
+    def get_privacy_spent(self, *, delta: float, alphas: object = None) -> tuple[float, float]:
+        return self.get_epsilon(delta), float("nan")
+
+
+def pld_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon at ``delta`` of the composed steps in ``history`` under replace-one, from dp-accounting's PLD."""
+    import dp_accounting
+
+    accountant = dp_accounting.pld.PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    for sigma, q, steps in history:
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), int(steps))
+    return float(accountant.get_epsilon(delta))
 
 
 def make_accountant(name: str, conversion: str = "improved") -> IAccountant:
     """A fresh accountant.
 
     Args:
-        name: ``rdp`` (Renyi DP), ``prv`` (privacy random variables) or ``gdp`` (Gaussian DP).
+        name: ``pld`` (exact replace-one), ``rdp`` (replace-one RDP bound) or ``gdp`` (approximation).
         conversion: for ``rdp``, ``improved`` (Opacus's default) or ``classic``.
     """
     if name not in ACCOUNTANTS:
         raise ValueError(f"privacy.accountant={name!r}: choose one of {ACCOUNTANTS}")
     if conversion not in RDP_CONVERSIONS:
         raise ValueError(f"privacy.rdp_conversion={conversion!r}: choose one of {RDP_CONVERSIONS}")
-    if name == "rdp" and conversion == "classic":
-        return ClassicRDPAccountant()
-    return create_accountant(mechanism=name)
+    if name == "pld":
+        return ReplaceOnePLDAccountant()
+    if name == "gdp":
+        return GaussianAccountant()
+    return ClassicReplaceOneRDPAccountant() if conversion == "classic" else ReplaceOneRDPAccountant()
+
+
+def is_guarantee(accountant: IAccountant) -> bool:
+    """Whether the accountant's epsilon is a proven upper bound (GDP's central-limit value is not)."""
+    return not isinstance(accountant, GaussianAccountant)
 
 
 def epsilon_spent(accountant: IAccountant, delta: float) -> float:

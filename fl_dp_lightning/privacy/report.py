@@ -1,4 +1,4 @@
-"""The privacy report written at the end of every run: what each client spent and what it means."""
+"""The privacy report written at the end of every run: what each client spent, what left it, what it means."""
 
 from __future__ import annotations
 
@@ -6,22 +6,39 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
-from fl_dp_lightning.config import PrivacyConfig
+from fl_dp_lightning.privacy.accountants import ADJACENCY
 
 GUARANTEE = (
-    "Record-level (epsilon, delta)-differential privacy for each client's own data set, under add/remove-one-record "
-    "adjacency, covering everything that client released (its model after each round, hence the global model). "
-    "Not covered: which clients took part in a round and how many records each holds (the FedAvg weights)."
+    "Record-level (epsilon, delta)-differential privacy for each client's own data set, under replace-one adjacency "
+    "(two data sets of the same size that differ in one record), covering everything that client released: its "
+    "model after each round, hence the global model. Its record count and whether it took part in a round are public."
+)
+
+RELEASED = (
+    "model weights after each round: DP-SGD (per-example clipping, Gaussian noise), accounted in epsilon",
+    "each client's record count (FedAvg weight, sample rate, steps): public under replace-one adjacency",
+    "which clients trained in each round (client sampling, budgets): public",
+    "epsilon per client and round: computed from the public settings and record count",
+    "validation and test metrics: computed on the shared public set, not on client data",
+)
+
+ALWAYS_NOT_COVERED = (
+    "values your own callbacks compute from training_step outputs (on_train_batch_end) and release themselves",
 )
 
 
-def privacy_report(clients: Mapping[str, Any], privacy: PrivacyConfig) -> dict[str, Any]:
-    """Per-client epsilon and the settings behind it; ``clients`` maps names to ``ClientState``."""
+def privacy_report(strategy: Any) -> dict[str, Any]:
+    """Per-client epsilon, the settings behind it, every channel a client released and every weakening opt-in.
+
+    Args:
+        strategy: the run's federated strategy (``FederatedDPStrategy`` or its multi-process variant).
+    """
+    privacy = strategy.privacy
     rows = {}
-    for name, client in clients.items():
+    for name, client in strategy.clients.items():
         history = [] if client.accountant is None else client.accountant.history
         rows[name] = {
-            "epsilon": client.epsilon(privacy.delta),
+            "epsilon": strategy.epsilon_of(client),
             "delta": privacy.delta if privacy.enabled else None,
             "noise_multiplier": client.noise_multiplier if privacy.enabled else None,
             "max_grad_norm": privacy.max_grad_norm if privacy.enabled else None,
@@ -29,29 +46,52 @@ def privacy_report(clients: Mapping[str, Any], privacy: PrivacyConfig) -> dict[s
             "steps": sum(steps for _, _, steps in history),
             "num_examples": client.num_examples,
         }
+    released = list(RELEASED) if privacy.enabled else ["everything: no DP (privacy.enabled is false)"]
+    if privacy.enabled and privacy.unsafe_release_training_metrics:
+        released.append("per-client training metrics, training-stage self.log, raw gradients: NOT covered")
     return {
         "enabled": privacy.enabled,
-        "accountant": privacy.accountant,
-        "rdp_conversion": privacy.rdp_conversion if privacy.accountant == "rdp" else None,
+        "accountant": privacy.accountant if privacy.enabled else None,
+        "rdp_conversion": privacy.rdp_conversion if privacy.enabled and privacy.accountant == "rdp" else None,
+        "adjacency": ADJACENCY if privacy.enabled else None,
         "poisson_sampling": privacy.poisson_sampling,
         "settings": asdict(privacy),
-        "guarantee": GUARANTEE if privacy.enabled else "none: privacy.enabled is false",
+        "guarantee": guarantee_sentence(strategy),
+        "released": released,
+        "not_covered": [*privacy.weakened_by(), *ALWAYS_NOT_COVERED] if privacy.enabled else [],
         "clients": rows,
     }
+
+
+def guarantee_sentence(strategy: Any) -> str:
+    """The guarantee the run's epsilons carry, or why there is none."""
+    privacy = strategy.privacy
+    if not privacy.enabled:
+        return "none: privacy.enabled is false (plain federated averaging)"
+    if strategy.guaranteed:
+        return GUARANTEE
+    return "none proven; see not_covered: " + "; ".join(privacy.weakened_by())
 
 
 def format_report(report: Mapping[str, Any]) -> str:
     """The report as a text table for the log."""
     header = f"{'client':>12} {'epsilon':>9} {'delta':>8} {'noise':>7} {'clip':>6} {'q':>8} {'steps':>7} {'records':>8}"
-    lines = [f"Privacy report (accountant {report['accountant']}, conversion {report['rdp_conversion']})", header]
+    if report["enabled"]:
+        title = f"Privacy report (accountant {report['accountant']}, {report['adjacency']} adjacency)"
+    else:
+        title = "Privacy report: no DP"
+    lines = [title, header]
 
-    def cell(value: Any, fmt: str) -> str:
-        return "-" if value is None else format(value, fmt)
+    def cell(value: Any, fmt: str, width: int) -> str:
+        return f"{'-':>{width}}" if value is None else format(value, f"{width}{fmt}")
 
     for name, r in report["clients"].items():
         lines.append(
-            f"{name:>12} {cell(r['epsilon'], '9.4f')} {cell(r['delta'], '8.0e')} {cell(r['noise_multiplier'], '7.3f')} "
-            f"{cell(r['max_grad_norm'], '6.2f')} {r['sample_rate']:8.5f} {r['steps']:7d} {r['num_examples']:8d}"
+            f"{name:>12} {cell(r['epsilon'], '.4f', 9)} {cell(r['delta'], '.0e', 8)} "
+            f"{cell(r['noise_multiplier'], '.3f', 7)} {cell(r['max_grad_norm'], '.2f', 6)} "
+            f"{r['sample_rate']:8.5f} {r['steps']:7d} {r['num_examples']:8d}"
         )
-    lines.append(report["guarantee"])
+    lines.append(f"Guarantee: {report['guarantee']}")
+    lines += [f"Released: {item}" for item in report["released"]]
+    lines += [f"Not covered: {item}" for item in report["not_covered"]]
     return "\n".join(lines)

@@ -2,12 +2,12 @@
 
 A client keeps only what must outlive a round: its accountant and its random streams. Weights and the
 optimizer are rebuilt from the global model every round, so a thousand clients cost a thousand small
-records, not a thousand models.
+records, not a thousand models. Its random streams are secret (see :mod:`fl_dp_lightning.privacy.randomness`):
+a checkpoint carries their state only under ``privacy.unsafe_seeded_randomness``.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,14 +18,8 @@ from torch.utils.data import Dataset
 
 from fl_dp_lightning.config import PrivacyConfig
 from fl_dp_lightning.privacy.accountants import epsilon_spent, make_accountant
-from fl_dp_lightning.strategy.sampling import (
-    NOISE_STREAM,
-    SAMPLER_STREAM,
-    client_seed,
-    poisson_batches,
-    poisson_steps_per_epoch,
-    shuffled_batches,
-)
+from fl_dp_lightning.privacy.randomness import NOISE_STREAM, SAMPLER_STREAM, stream_generator
+from fl_dp_lightning.strategy.sampling import poisson_batches, poisson_steps_per_epoch, shuffled_batches
 
 
 @dataclass
@@ -36,7 +30,8 @@ class ClientReport:
         client: the client's name.
         num_examples: its training-set size (the FedAvg weight).
         epsilon: its total privacy spent so far (``None`` without privacy).
-        metrics: means over its steps of the scalars its ``training_step`` returned (e.g. loss).
+        metrics: means over its steps of the scalars its ``training_step`` returned (e.g. loss); released only
+            under ``privacy.unsafe_release_training_metrics`` (they are not noised), else empty.
     """
 
     client: str
@@ -60,6 +55,8 @@ class ClientState:
     accountant: IAccountant | None
     sampler_rng: torch.Generator
     noise_rng: torch.Generator | None
+    seeded: bool = False
+    """Whether the random streams come from the public run seed (then checkpoints carry their state)."""
 
     @property
     def num_examples(self) -> int:
@@ -76,20 +73,25 @@ class ClientState:
         return None if self.accountant is None else epsilon_spent(self.accountant, delta)
 
     def epsilon_after(self, steps: int, delta: float) -> float:
-        """The epsilon this client would reach after ``steps`` more steps at its noise and sample rate."""
+        """The epsilon this client would reach after ``steps`` more steps at its noise and sample rate.
+
+        Accountants that read their whole history (``pld``, ``rdp``) only; GDP is refused with a budget.
+        """
         trial = type(self.accountant)()
         trial.history = [*self.accountant.history, (self.noise_multiplier, self.sample_rate, steps)]
         return epsilon_spent(trial, delta)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must carry to continue this client exactly."""
-        return {
+        state = {
             "accountant": None if self.accountant is None else self.accountant.state_dict(),
-            "sampler_rng": self.sampler_rng.get_state(),
-            "noise_rng": None if self.noise_rng is None else self.noise_rng.get_state(),
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
         }
+        if self.seeded:  # secret streams never leave the process; a resume draws fresh ones
+            state["sampler_rng"] = self.sampler_rng.get_state()
+            state["noise_rng"] = None if self.noise_rng is None else self.noise_rng.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["sample_rate"] != self.sample_rate:
@@ -99,9 +101,10 @@ class ClientState:
             )
         if self.accountant is not None:
             self.accountant.load_state_dict(state["accountant"])
-        self.sampler_rng.set_state(state["sampler_rng"])
-        if self.noise_rng is not None:
-            self.noise_rng.set_state(state["noise_rng"])
+        if self.seeded:
+            self.sampler_rng.set_state(state["sampler_rng"])
+            if self.noise_rng is not None:
+                self.noise_rng.set_state(state["noise_rng"])
         self.noise_multiplier = state["noise_multiplier"]
 
 
@@ -116,7 +119,8 @@ def make_client(
     seed: int,
     device: torch.device,
 ) -> ClientState:
-    """Builds client ``index``'s state; its random streams derive from ``seed`` and ``index`` alone."""
+    """Builds client ``index``'s state; its random streams are secret, or derive from ``seed`` and ``index``
+    alone under ``privacy.unsafe_seeded_randomness`` (and without privacy, where nothing is protected)."""
     n = len(dataset)
     if batch_size > n:
         raise ValueError(
@@ -131,11 +135,12 @@ def make_client(
     sample_rate = batch_size / n
     poisson = privacy.enabled and privacy.poisson_sampling
     steps_per_epoch = poisson_steps_per_epoch(sample_rate) if poisson else n // batch_size
-    noise_rng = None
-    if privacy.enabled:
-        # secure mode: noise seeds come from the OS's entropy, not from the (public) run seed
-        noise_seed = secrets.randbits(63) if privacy.secure_mode else client_seed(seed, index, NOISE_STREAM)
-        noise_rng = torch.Generator(device=device).manual_seed(noise_seed)
+    seeded = not privacy.enabled or privacy.unsafe_seeded_randomness
+    noise_rng = (
+        stream_generator(seeded=seeded, seed=seed, index=index, stream=NOISE_STREAM, device=device)
+        if privacy.enabled
+        else None
+    )
     return ClientState(
         name=name,
         dataset=dataset,
@@ -146,6 +151,7 @@ def make_client(
         poisson=poisson,
         noise_multiplier=privacy.noise_multiplier,
         accountant=make_accountant(privacy.accountant, privacy.rdp_conversion) if privacy.enabled else None,
-        sampler_rng=torch.Generator().manual_seed(client_seed(seed, index, SAMPLER_STREAM)),
+        sampler_rng=stream_generator(seeded=seeded, seed=seed, index=index, stream=SAMPLER_STREAM),
         noise_rng=noise_rng,
+        seeded=seeded,
     )

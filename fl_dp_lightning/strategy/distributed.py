@@ -57,7 +57,7 @@ class DistributedFederatedDPStrategy(FederatedRounds, DDPStrategy):
     @override
     def _combine_round(self) -> None:
         average, template = self._average, self._global_state
-        keys = averaged_keys(template)
+        keys = averaged_keys(template, average.only)
         parts = [
             average.summed.get(k, torch.zeros(template[k].shape, dtype=torch.float64, device=template[k].device))
             for k in keys

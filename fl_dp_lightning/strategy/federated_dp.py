@@ -5,6 +5,11 @@ Lightning trains one model instance. The strategy serves each round's batches cl
 batch it loads the global weights and switches the DP optimizer to that client's noise stream and
 accountant; after the client's last optimizer step it adds the client's weights to a running FedAvg;
 after the round's last step it loads the average, so that validation and checkpoints see the global model.
+
+Under DP nothing computed from a client's records leaves it except its noised model: the module's training-stage
+``self.log`` calls are withheld, raw gradients are dropped as soon as backward produces them (Opacus works from
+per-example gradients), per-example gradients are cleared after every step, and only parameters are averaged.
+``privacy.unsafe_release_training_metrics`` lifts this for debugging (and the privacy report says so).
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ from torch import Tensor
 from typing_extensions import override
 
 from fl_dp_lightning.aggregation import RunningAverage
+from fl_dp_lightning.checkpoint import AtomicCheckpointIO
 from fl_dp_lightning.config import PrivacyConfig
 from fl_dp_lightning.data.datamodule import ClientDatasets
+from fl_dp_lightning.privacy.accountants import is_guarantee
 from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
+from fl_dp_lightning.privacy.probe import check_sensitivity
 from fl_dp_lightning.strategy.client import ClientReport, ClientState, make_client
 from fl_dp_lightning.strategy.sampling import take_batch
 from fl_dp_lightning.strategy.schedule import RoundPlan, clients_per_round, plan_round
@@ -53,6 +61,7 @@ class FederatedRounds:
         log_rounds: bool = True,
         **kwargs: Any,
     ):
+        kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
         super().__init__(**kwargs)
         if local_epochs < 1:
             raise ValueError(f"local_epochs={local_epochs}: must be >= 1")
@@ -79,6 +88,10 @@ class FederatedRounds:
         self._batch_idx = -1
         self._empty_batch = False
         self._padding = False
+        self._probing = False
+        self._grad_hooks: list[Any] = []
+        self.withheld_logs: set[str] = set()
+        self.planned_rounds: int | None = None
 
     # ------------------------------------------------- process extension points
 
@@ -111,6 +124,8 @@ class FederatedRounds:
             )
         if self.privacy.enabled:
             self._make_private()
+            if not self.privacy.unsafe_release_training_metrics:
+                self._withhold_private_outputs()
         if self.log_rounds:
             from fl_dp_lightning.callbacks import FederatedLogger
 
@@ -145,6 +160,12 @@ class FederatedRounds:
             problems.append(
                 f"val_check_interval={trainer.val_check_interval}: validation runs on the global model "
                 "after each round; leave it at 1.0"
+            )
+        precision = str(trainer.precision)
+        if self.privacy.enabled and precision.endswith("-true"):
+            problems.append(
+                f"precision={precision!r}: DP-SGD clips per-example gradients, whose norms need float32; "
+                "use precision='bf16-mixed' (or '16-mixed', 32)"
             )
         if problems:
             raise ValueError("FederatedDPStrategy cannot train with these settings:\n- " + "\n- ".join(problems))
@@ -192,6 +213,27 @@ class FederatedRounds:
         )
         self.optimizers = [self._dp_optimizer]
 
+    def _withhold_private_outputs(self) -> None:
+        """Keeps the client's private intermediate values in: training-stage ``self.log`` and raw gradients."""
+        module = self.lightning_module
+        release = module.log
+
+        def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            if module.trainer.training:
+                self.withheld_logs.add(name)  # computed from a client's records without noise
+                return
+            release(name, value, *args, **kwargs)
+
+        module.log = log  # log_dict goes through it too
+        # the summed, unclipped gradient must not outlive backward (Opacus uses the per-example ones)
+        self._grad_hooks = [
+            p.register_post_accumulate_grad_hook(self._drop_grad) for p in module.parameters() if p.requires_grad
+        ]
+
+    def _drop_grad(self, param: Tensor) -> None:
+        if not self._probing:  # the probe compares the module's own gradient with the per-example ones
+            param.grad = None
+
     @override
     def process_dataloader(self, dataloader: object) -> object:
         if isinstance(dataloader, ClientDatasets):
@@ -211,19 +253,8 @@ class FederatedRounds:
             if list(self.clients) != list(data.datasets):
                 raise ValueError(f"clients changed during training: {list(self.clients)} -> {list(data.datasets)}")
             return
-        if not self.privacy.poisson_sampling and self.privacy.enabled:
-            warnings.warn(
-                "privacy.poisson_sampling=False: batches are shuffled, but the privacy accounting assumes "
-                "Poisson sampling, so the reported epsilon is not a proven guarantee.",
-                stacklevel=2,
-            )
-        if self.privacy.enabled and self.privacy.secure_mode:
-            warnings.warn(
-                "privacy.secure_mode: noise is drawn with Opacus's floating-point-attack-resistant sampling from "
-                "generators seeded by the OS's entropy (runs are not reproducible); torch's generator itself is not "
-                "a cryptographic RNG (Opacus's torchcsprng has no build for this torch version).",
-                stacklevel=2,
-            )
+        for weakness in self.privacy.weakened_by():
+            warnings.warn(f"the privacy guarantee is weakened by {weakness}", stacklevel=2)
         self.clients = {
             name: make_client(
                 name,
@@ -237,16 +268,41 @@ class FederatedRounds:
             )
             for index, (name, dataset) in enumerate(data.datasets.items())
         }
+        if self._grad_sample_module is not None:
+            self._probe_sensitivity(data)
         if self.privacy.enabled and self.privacy.target_epsilon is not None and self._restored is None:
             self._calibrate_noise()  # on resume the checkpoint carries the noise chosen at the start
         if self._restored is not None:
             self._load_clients(self._restored)
+
+    def _probe_sensitivity(self, data: ClientDatasets) -> None:
+        """Refuses, before any step, modules whose per-example gradients would not bound a record's influence."""
+        module = self.lightning_module
+        template = take_batch(next(iter(data.datasets.values())), [])  # structure only: zero records
+        template = self.batch_to_device(template)
+        guard = module.__dict__.get("log")
+        module.log = _no_log  # the probe's random records are nobody's metrics
+        self._probing = True
+        try:
+            check_sensitivity(
+                module,
+                lambda batch: module.training_step(batch, 0),
+                template,
+                loss_reduction=self.privacy.loss_reduction,
+            )
+        finally:
+            self._probing = False
+            if guard is None:
+                del module.log
+            else:
+                module.log = guard
 
     def _calibrate_noise(self) -> None:
         """Sets each client's noise multiplier so that all planned rounds spend ``privacy.target_epsilon``."""
         rounds = self.lightning_module.trainer.max_epochs
         if rounds is None or rounds < 1:
             raise ValueError("privacy.target_epsilon needs a finite number of rounds: set Trainer(max_epochs=...)")
+        self.planned_rounds = rounds
         chosen = {}
         for client in self.clients.values():
             client.noise_multiplier = calibrate_noise_multiplier(
@@ -302,7 +358,9 @@ class FederatedRounds:
             trainer.should_stop = True
             return self._plan
         self._global_state = {k: v.detach().clone() for k, v in self.lightning_module.state_dict().items()}
-        self._average = RunningAverage()
+        # under DP only parameters leave a client: buffers keep their global values
+        params = {name for name, _ in self.lightning_module.named_parameters()} if self.privacy.enabled else None
+        self._average = RunningAverage(only=params)
         return self._plan
 
     def _within_budget(self, plan: RoundPlan) -> RoundPlan:
@@ -361,7 +419,8 @@ class FederatedRounds:
                 "`out += identity`), which Opacus's per-sample-gradient hooks cannot follow; nothing was trained. "
                 "Fix: write it out of place (`out = out + identity`), e.g. fl_dp_lightning.models.resnet18_groupnorm()."
             ) from err
-        self._record_metrics(output)
+        if not self.privacy.enabled or self.privacy.unsafe_release_training_metrics:
+            self._record_metrics(output)
         return output
 
     def _record_metrics(self, output: Any) -> None:
@@ -379,7 +438,12 @@ class FederatedRounds:
             for p in self._dp_optimizer.params:
                 p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
             return closure_loss
-        return super().backward(closure_loss, optimizer, *args, **kwargs)
+        loss = super().backward(closure_loss, optimizer, *args, **kwargs)
+        if self._dp_optimizer is not None:
+            for p in self._dp_optimizer.params:
+                if isinstance(p.grad_sample, Tensor) and p.grad_sample.dtype in (torch.float16, torch.bfloat16):
+                    p.grad_sample = p.grad_sample.float()  # clipping norms in float32 under mixed precision
+        return loss
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
@@ -387,6 +451,8 @@ class FederatedRounds:
             output = closure()  # keeps Lightning's loop in step with the other processes; no update, no noise
         else:
             output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._dp_optimizer is not None:
+            self._dp_optimizer.zero_grad(set_to_none=True)  # per-example gradients reach neither memory nor checkpoints
         if self._batch_idx in self._local_plan.ends:
             self._end_client()
         if self._batch_idx == self._round_total - 1:
@@ -399,9 +465,7 @@ class FederatedRounds:
         self._average.add(state, weight=client.num_examples)
         steps = self._metric_steps
         metrics = {k: float(v) / steps for k, v in self._metric_sums.items()} if steps else {}
-        self.last_round.append(
-            ClientReport(client.name, client.num_examples, client.epsilon(self.privacy.delta), metrics)
-        )
+        self.last_round.append(ClientReport(client.name, client.num_examples, self.epsilon_of(client), metrics))
         self._client = None
 
     def _end_round(self) -> None:
@@ -415,9 +479,21 @@ class FederatedRounds:
         """The client whose batches are training now (``None`` between rounds)."""
         return None if self._client is None else self._client.name
 
+    @property
+    def guaranteed(self) -> bool:
+        """Whether the epsilons reported are proven upper bounds for what this run does."""
+        return self.privacy.enabled and not self.privacy.weakened_by()
+
+    def epsilon_of(self, client: ClientState) -> float | None:
+        """A client's epsilon at ``privacy.delta``; ``None`` without privacy or where none is proven
+        (shuffled batches). GDP's value is an approximation (see :attr:`guaranteed`)."""
+        if not self.privacy.enabled or not self.privacy.poisson_sampling:
+            return None
+        return client.epsilon(self.privacy.delta)
+
     def epsilons(self) -> dict[str, float | None]:
-        """Every client's privacy spent so far at ``privacy.delta`` (``None`` values without privacy)."""
-        return {name: c.epsilon(self.privacy.delta) for name, c in self.clients.items()}
+        """Every client's privacy spent so far at ``privacy.delta`` (see :meth:`epsilon_of`)."""
+        return {name: self.epsilon_of(c) for name, c in self.clients.items()}
 
     # ---------------------------------------------------------- checkpoints
 
@@ -428,6 +504,7 @@ class FederatedRounds:
             "seed": self.seed,
             "local_epochs": self.local_epochs,
             "client_fraction": self.client_fraction,
+            "planned_rounds": self.planned_rounds,
             "clients": {name: c.state_dict() for name, c in self.clients.items()},
         }
 
@@ -474,14 +551,42 @@ class FederatedRounds:
             )
         for name, client in self.clients.items():
             client.load_state_dict(saved[name])
+        self.planned_rounds = state.get("planned_rounds")
         self._restored = None
+        self._check_target_kept()
+
+    def _check_target_kept(self) -> None:
+        """Refuses a resume that would carry a target-calibrated run past its target epsilon."""
+        rounds, planned = self.lightning_module.trainer.max_epochs, self.planned_rounds
+        if self.privacy.target_epsilon is None or self.privacy.max_epsilon is not None or planned is None:
+            return
+        if rounds is None or rounds <= planned:
+            return
+        reach = {}
+        for name, client in self.clients.items():
+            done = sum(steps for _, _, steps in client.accountant.history)
+            reach[name] = round(client.epsilon_after(rounds * client.steps_per_round - done, self.privacy.delta), 4)
+        raise ValueError(
+            f"privacy.target_epsilon={self.privacy.target_epsilon} was calibrated for {planned} rounds; resuming to "
+            f"{rounds} rounds would bring epsilon to {reach}. Resume with trainer.rounds={planned}, or set "
+            "privacy.max_epsilon to cap the spending"
+        )
 
     @override
     def teardown(self) -> None:
         if self._grad_sample_module is not None:
             self._grad_sample_module._close()  # removes Opacus's hooks: the user's module comes back clean
             self._grad_sample_module = None
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks = []
+        if self.lightning_module is not None:
+            self.lightning_module.__dict__.pop("log", None)
         super().teardown()
+
+
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    pass
 
 
 def in_place_layers(module: torch.nn.Module) -> list[str]:

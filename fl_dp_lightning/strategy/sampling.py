@@ -5,18 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import BatchSampler, Dataset, RandomSampler, TensorDataset, default_collate
-
-SAMPLER_STREAM, NOISE_STREAM = 0, 1
-
-
-def client_seed(seed: int, index: int, stream: int = SAMPLER_STREAM) -> int:
-    """The seed of client ``index``'s sampler (stream 0) or noise (stream 1), derived from the run's ``seed``."""
-    return int(np.random.SeedSequence([seed, index, stream]).generate_state(1)[0])
-
 
 def poisson_steps_per_epoch(sample_rate: float) -> int:
     """Steps that make one expected pass over the data: ``int(1 / sample_rate)``, as Opacus counts it."""
