@@ -5,11 +5,14 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
+import dp_accounting
+import numpy as np
 import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.loggers import Logger
 
 from fl_dp_lightning.data.sources import DataSource, load_synthetic
+from fl_dp_lightning.privacy.accountants import ORDERS, PLD_DISCRETIZATION
 
 
 class RecordingLogger(Logger):
@@ -58,3 +61,27 @@ def make_trainer(strategy: Any, rounds: int, **kwargs: Any) -> pl.Trainer:
 @pytest.fixture(scope="session")
 def synthetic() -> DataSource:
     return load_synthetic(train_size=1200, test_size=400, seed=3)
+
+
+def direct_epsilon(q: float, sigma: float, steps: int, delta: float) -> float:
+    """Replace-one epsilon of ``steps`` Poisson-subsampled Gaussian steps, straight from dp-accounting's PLD."""
+    accountant = dp_accounting.pld.PLDAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
+        value_discretization_interval=PLD_DISCRETIZATION,
+    )
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    return accountant.get_epsilon(delta)
+
+
+def direct_rdp_epsilon(q: float, sigma: float, steps: int, delta: float) -> float:
+    """The replace-one RDP bound (weak triangle inequality through one record removed), from dp-accounting's
+    add/remove RDP of the subsampled Gaussian and its conversion."""
+    from dp_accounting.rdp.rdp_privacy_accountant import _compute_rdp_poisson_subsampled_gaussian, compute_epsilon
+
+    orders = np.array(ORDERS)
+
+    def rdp(a: np.ndarray) -> np.ndarray:
+        return steps * np.array([_compute_rdp_poisson_subsampled_gaussian(q, sigma, [o])[0] for o in a])
+
+    bound = (orders - 0.5) / (orders - 1) * rdp(2 * orders) + rdp(2 * orders - 1)
+    return compute_epsilon(orders, bound, delta)[0]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dp_accounting
 import numpy as np
 import pytest
-from dp_accounting.rdp.rdp_privacy_accountant import _compute_rdp_poisson_subsampled_gaussian, compute_epsilon
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy.stats import norm
 
@@ -18,6 +17,8 @@ from fl_dp_lightning.privacy.accountants import (
     epsilon_spent,
     make_accountant,
 )
+
+from .conftest import direct_rdp_epsilon
 
 # the seed's progress bars read "235/235": 235 steps per round at sample rate 128 / 30,000
 SEED_Q, SEED_SIGMA, SEED_STEPS_PER_ROUND, SEED_DELTA = 128 / 30000, 1.2, 235, 1e-5
@@ -83,20 +84,15 @@ def test_add_remove_rdp_agrees_with_dp_accounting(q, sigma, steps):
 @pytest.mark.parametrize(("q", "sigma", "steps"), SETTINGS)
 def test_pld_is_dp_accountings_replace_one_pld_and_above_add_remove(q, sigma, steps):
     ours = epsilon_spent(accountant_after("pld", q, sigma, steps), DELTA)
-    assert ours == pytest.approx(dp_accounting_epsilon("pld", q, sigma, steps, "REPLACE_ONE"), rel=1e-9)
+    finer = dp_accounting_epsilon("pld", q, sigma, steps, "REPLACE_ONE")  # dp-accounting's default, finer grid
+    assert finer <= ours <= 1.01 * finer  # a coarser pessimistic grid: still an upper bound, within 1 %
     # one record replaced moves the output further than one added or removed
     assert ours > dp_accounting_epsilon("pld", q, sigma, steps)
 
 
 @pytest.mark.parametrize(("q", "sigma", "steps"), SETTINGS)
 def test_replace_one_rdp_is_the_weak_triangle_bound_computed_with_dp_accounting(q, sigma, steps):
-    orders = np.array(ORDERS)
-
-    def rdp(a: np.ndarray) -> np.ndarray:  # dp-accounting's add/remove RDP of the subsampled Gaussian, composed
-        return steps * np.array([_compute_rdp_poisson_subsampled_gaussian(q, sigma, [o])[0] for o in a])
-
-    bound = (orders - 0.5) / (orders - 1) * rdp(2 * orders) + rdp(2 * orders - 1)
-    expected = compute_epsilon(orders, bound, DELTA)[0]
+    expected = direct_rdp_epsilon(q, sigma, steps, DELTA)
     ours = epsilon_spent(accountant_after("rdp", q, sigma, steps), DELTA)
     assert ours == pytest.approx(expected, rel=2e-3)
     assert ours >= epsilon_spent(accountant_after("pld", q, sigma, steps), DELTA)  # a looser, valid bound

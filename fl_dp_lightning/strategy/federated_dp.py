@@ -162,7 +162,7 @@ class FederatedRounds:
                 "after each round; leave it at 1.0"
             )
         precision = str(trainer.precision)
-        if self.privacy.enabled and precision.endswith("-true"):
+        if self.privacy.enabled and precision in ("16-true", "bf16-true"):
             problems.append(
                 f"precision={precision!r}: DP-SGD clips per-example gradients, whose norms need float32; "
                 "use precision='bf16-mixed' (or '16-mixed', 32)"
@@ -290,6 +290,14 @@ class FederatedRounds:
                 template,
                 loss_reduction=self.privacy.loss_reduction,
             )
+        except RuntimeError as err:
+            if "BackwardHookFunction" not in str(err):
+                raise
+            raise ValueError(
+                "the module's forward modifies a layer's output in place (for example torchvision ResNet's "
+                "`out += identity`), which Opacus's per-sample-gradient hooks cannot follow; nothing was trained. "
+                "Fix: write it out of place (`out = out + identity`), e.g. fl_dp_lightning.models.resnet18_groupnorm()."
+            ) from err
         finally:
             self._probing = False
             if guard is None:
@@ -409,16 +417,7 @@ class FederatedRounds:
             # Poisson sampling drew no record: the DP step must still add noise and be accounted,
             # but the user's step would average an empty loss into NaN.
             return torch.zeros((), device=self.root_device, requires_grad=True)
-        try:
-            output = super().training_step(*args, **kwargs)
-        except RuntimeError as err:
-            if self._grad_sample_module is None or "BackwardHookFunction" not in str(err):
-                raise
-            raise ValueError(
-                "the module's forward modifies a layer's output in place (for example torchvision ResNet's "
-                "`out += identity`), which Opacus's per-sample-gradient hooks cannot follow; nothing was trained. "
-                "Fix: write it out of place (`out = out + identity`), e.g. fl_dp_lightning.models.resnet18_groupnorm()."
-            ) from err
+        output = super().training_step(*args, **kwargs)
         if not self.privacy.enabled or self.privacy.unsafe_release_training_metrics:
             self._record_metrics(output)
         return output
