@@ -6,8 +6,8 @@ import tempfile
 from typing import Any
 
 import dp_accounting
-import numpy as np
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 from lightning.pytorch.loggers import Logger
 

@@ -110,5 +110,9 @@ def test_train_py_prints_one_line_naming_the_key_and_exits_2(tmp_path):
         timeout=120,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: privacy.noise_multiplier=-0.5: must be > 0 and finite: without noise there is no privacy (use privacy=none to train without DP)"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "error: privacy.noise_multiplier=-0.5: must be > 0 and finite: without noise there is no privacy "
+        "(use privacy=none to train without DP)"
+    )
     assert not (tmp_path / "tensorboard").exists()  # stopped before training

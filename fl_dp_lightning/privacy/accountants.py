@@ -79,7 +79,9 @@ class ReplaceOneRDPAccountant(RDPAccountant):
             orders = list(alphas) if alphas is not None else list(CLASSIC_ORDERS)
             return classic_rdp_to_dp(orders, replace_one_rdp(self.history, orders), delta)
         orders = list(alphas) if alphas is not None else list(ORDERS)
-        eps, order = rdp_analysis.get_privacy_spent(orders=orders, rdp=replace_one_rdp(self.history, orders), delta=delta)
+        eps, order = rdp_analysis.get_privacy_spent(
+            orders=orders, rdp=replace_one_rdp(self.history, orders), delta=delta
+        )
         return float(eps), float(order)
 
 

@@ -135,7 +135,9 @@ def check_sensitivity(
         generator = torch.Generator().manual_seed(0)
         full = random_batch_like(template, PROBE_BATCH, generator)
         samples, grads = _gradients(step, params, full)
-        changed = [n for n, b in module.named_buffers() if n in buffers_before and not torch.equal(b, buffers_before[n])]
+        changed = [
+            n for n, b in module.named_buffers() if n in buffers_before and not torch.equal(b, buffers_before[n])
+        ]
         if changed:
             raise SensitivityError(
                 f"buffers {changed} change during training_step: they are computed from private records and would "

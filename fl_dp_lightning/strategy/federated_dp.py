@@ -37,7 +37,6 @@ from fl_dp_lightning.aggregation import RunningAverage
 from fl_dp_lightning.checkpoint import AtomicCheckpointIO
 from fl_dp_lightning.config import PrivacyConfig
 from fl_dp_lightning.data.datamodule import ClientDatasets
-from fl_dp_lightning.privacy.accountants import is_guarantee
 from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
 from fl_dp_lightning.privacy.probe import check_sensitivity
 from fl_dp_lightning.strategy.client import ClientReport, ClientState, make_client

@@ -9,6 +9,7 @@ import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import BatchSampler, Dataset, RandomSampler, TensorDataset, default_collate
 
+
 def poisson_steps_per_epoch(sample_rate: float) -> int:
     """Steps that make one expected pass over the data: ``int(1 / sample_rate)``, as Opacus counts it."""
     return int(1 / sample_rate)
