@@ -116,6 +116,7 @@ def test_the_privacy_report_states_the_adjacency_what_each_client_spent_and_ever
     assert small["epsilon"] == pytest.approx(direct_rdp_epsilon(0.1, 1.3, 20, 1e-5), rel=2e-3)
 
 
+@pytest.mark.filterwarnings("ignore:GDP accounting is experimental")
 @pytest.mark.parametrize(
     ("settings", "says"),
     [

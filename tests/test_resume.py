@@ -47,6 +47,7 @@ def test_kill_after_round_2_and_resume_to_round_5_equals_the_uninterrupted_run(s
         assert same == privacy.unsafe_seeded_randomness
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 def test_a_checkpoint_resumed_twice_draws_fresh_noise_and_stores_no_random_state(synthetic, tmp_path):
     fit(synthetic, 1, ckpt_dir=tmp_path)
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
