@@ -62,3 +62,17 @@ def test_running_average_equals_fedavg(rows, weights):
         running.add(s, w)
     expected = fedavg(states, weights[: len(states)])
     assert torch.allclose(running.result(states[0])["w"], expected["w"], atol=1e-6, rtol=0)
+
+
+def test_running_average_restricted_to_parameters_keeps_buffers_at_the_global_value():
+    global_state = {"w": torch.tensor([0.0, 0.0]), "running_mean": torch.tensor([5.0])}
+    clients = [
+        {"w": torch.tensor([1.0, 2.0]), "running_mean": torch.tensor([9.0])},
+        {"w": torch.tensor([3.0, 6.0]), "running_mean": torch.tensor([-7.0])},
+    ]
+    running = RunningAverage(only={"w"})
+    for state, weight in zip(clients, [1, 3]):
+        running.add(state, weight)
+    out = running.result(global_state)
+    assert torch.equal(out["w"], torch.tensor([2.5, 5.0]))  # (1*1 + 3*3) / 4, (2 + 18) / 4
+    assert torch.equal(out["running_mean"], global_state["running_mean"])  # never averaged, never released
