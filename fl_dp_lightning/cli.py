@@ -123,7 +123,7 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     strategy: FederatedDPStrategy = trainer.strategy
     timer = next(cb for cb in trainer.callbacks if isinstance(cb, RoundTimer))
     results = {
-        "data_origin": datamodule.hparams.get("data_origin"),
+        "data_origin": datamodule.data_origin,
         "rounds": trainer.current_epoch,
         "test": {k: float(v) for k, v in test_metrics.items()},
         "epsilon": strategy.epsilons(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 DATA_SOURCES = ("mnist", "fashion_mnist", "synthetic")
@@ -20,7 +21,10 @@ ACCELERATORS = ("cpu", "gpu")
 
 
 class ConfigError(ValueError):
-    """A config value is invalid; the message names the key, the value and the fix."""
+    """A refused input: a config value, a data set, a module, a Trainer setting or a checkpoint.
+
+    The message is one line that names the key (or file) and the fix; ``train.py`` prints it and exits with 2.
+    """
 
 
 def require(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -86,6 +90,18 @@ class ClientConfig:
         require(self.partition in PARTITIONS, "client.partition", self.partition, f"choose one of {PARTITIONS}")
         require(self.dirichlet_alpha > 0, "client.dirichlet_alpha", self.dirichlet_alpha, "must be > 0")
         require(0 < self.fraction <= 1, "client.fraction", self.fraction, "must be in (0, 1]")
+        require(
+            all(isinstance(n, str) and n.strip() and n == n.strip() for n in self.names),
+            "client.names",
+            self.names,
+            "every name must be a non-empty string without surrounding spaces",
+        )
+        require(
+            len(self.names) <= self.count,
+            "client.names",
+            self.names,
+            f"{len(self.names)} names for client.count={self.count}; set client.count={len(self.names)} or drop names",
+        )
         names = self.client_names()
         require(len(set(names)) == len(names), "client.names", self.names, "client names must be unique")
 
@@ -157,6 +173,12 @@ class PrivacyConfig:
             "privacy.rdp_conversion",
             self.rdp_conversion,
             f"choose one of {RDP_CONVERSIONS}",
+        )
+        require(
+            self.rdp_conversion == "improved" or self.accountant == "rdp",
+            "privacy.rdp_conversion",
+            self.rdp_conversion,
+            f"applies to privacy.accountant=rdp only, not {self.accountant!r}; set privacy.accountant=rdp or drop it",
         )
         require(
             self.loss_reduction in LOSS_REDUCTIONS,
@@ -267,6 +289,11 @@ class TrainerConfig:
         require(self.local_epochs >= 1, "trainer.local_epochs", self.local_epochs, "must be >= 1")
         require(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "must be >= 1")
         require(self.log_every_n_steps >= 1, "trainer.log_every_n_steps", self.log_every_n_steps, "must be >= 1")
+        require(0 <= self.seed < 2**32, "trainer.seed", self.seed, "must be in [0, 2**32)")
+        if self.ckpt_path is not None:
+            path = Path(self.ckpt_path)
+            require(path.exists(), "trainer.ckpt_path", self.ckpt_path, "no such file; give the path of a .ckpt file")
+            require(path.is_file(), "trainer.ckpt_path", self.ckpt_path, "is a folder; give the .ckpt file inside it")
 
 
 @dataclass

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import zipfile
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 
-from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, PrivacyConfig
+from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
+from fl_dp_lightning.checkpoint import CHECKPOINT_KEY, VerifiedCheckpointIO
 
 from .conftest import make_trainer
 from .test_strategy import small_classifier, weights
@@ -16,10 +21,14 @@ PRIVACY = PrivacyConfig(noise_multiplier=1.0)
 SEEDED = PrivacyConfig(noise_multiplier=1.0, unsafe_seeded_randomness=True)
 
 
-def fit(synthetic, rounds, *, privacy=PRIVACY, ckpt_dir=None, ckpt_path=None, fraction=1.0):
+def fit(
+    synthetic, rounds, *, privacy=PRIVACY, ckpt_dir=None, ckpt_path=None, fraction=1.0, datamodule=None, module=None
+):
     pl.seed_everything(0)
-    module = small_classifier()
-    datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=["a", "b", "c"], batch_size=32)
+    module = module or small_classifier()
+    datamodule = datamodule or FederatedDataModule(
+        train=synthetic.train, test=synthetic.test, clients=["a", "b", "c"], batch_size=32
+    )
     strategy = FederatedDPStrategy(privacy=privacy, client_fraction=fraction, seed=5)
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)] if ckpt_dir else []
     trainer = make_trainer(strategy, rounds, enable_checkpointing=bool(ckpt_dir), callbacks=callbacks)
@@ -71,23 +80,84 @@ def test_resuming_a_target_epsilon_run_past_its_planned_rounds_is_refused_with_t
         fit(synthetic, 5, privacy=target, ckpt_dir=tmp_path, ckpt_path=tmp_path / "last.ckpt")
 
 
-def test_a_checkpoint_made_with_other_privacy_settings_is_refused(synthetic, tmp_path):
+def test_a_checkpoint_made_with_other_privacy_settings_is_refused_naming_each_field(synthetic, tmp_path):
     fit(synthetic, 1, ckpt_dir=tmp_path)
-    other = PrivacyConfig(noise_multiplier=0.5)
-    with pytest.raises(
-        ValueError, match="privacy: checkpoint .*'noise_multiplier': 1.0.* != now .*'noise_multiplier': 0.5"
-    ):
+    other = PrivacyConfig(noise_multiplier=0.5, max_grad_norm=2.0)
+    with pytest.raises(ConfigError) as refused:
         fit(synthetic, 2, privacy=other, ckpt_dir=tmp_path, ckpt_path=tmp_path / "last.ckpt")
+    assert str(refused.value) == (
+        "checkpoint made with other settings; resume with them or start anew: "
+        "privacy.noise_multiplier: checkpoint 1.0, now 0.5; privacy.max_grad_norm: checkpoint 1.0, now 2.0"
+    )
 
 
-def test_a_checkpoint_without_federated_state_is_refused(synthetic, tmp_path):
-    path = tmp_path / "plain.ckpt"
+def test_a_checkpoint_on_other_data_or_with_other_client_names_is_refused(synthetic, tmp_path):
     fit(synthetic, 1, ckpt_dir=tmp_path)
-    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
-    del checkpoint["fl_dp_lightning"]
-    torch.save(checkpoint, path)
-    with pytest.raises(ValueError, match="not written by FederatedDPStrategy"):
-        fit(synthetic, 2, ckpt_dir=tmp_path, ckpt_path=path)
+    x, y = synthetic.train.tensors
+    other_data = FederatedDataModule(
+        train=TensorDataset(x.flip(0), y.flip(0)), test=synthetic.test, clients=["a", "b", "c"], batch_size=32
+    )
+    other_data.setup()
+    other_data.data_origin = "another source of the same size"
+    with pytest.raises(ConfigError, match="trained on other data: data_origin: checkpoint 'user-provided data sets'"):
+        fit(synthetic, 2, ckpt_dir=tmp_path, ckpt_path=tmp_path / "last.ckpt", datamodule=other_data)
+    swapped = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=["b", "a", "c"], batch_size=32)
+    with pytest.raises(
+        ConfigError, match=r"clients \['a', 'b', 'c'\] differ from the data's clients \['b', 'a', 'c'\]"
+    ):
+        fit(synthetic, 2, ckpt_dir=tmp_path, ckpt_path=tmp_path / "last.ckpt", datamodule=swapped)
+
+
+def damage(path: Path, how: str, tmp_path: Path) -> Path:
+    """A copy of the checkpoint at ``path``, damaged as a disk, a cut-off copy or a wrong path would."""
+    out = tmp_path / f"{how}.ckpt"
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "empty":
+        data = bytearray()
+    elif how == "random":
+        data = bytearray(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).byte().numpy())
+    elif how == "tensor_bytes":  # 1,000 bytes flipped inside the largest stored tensor, the zip left intact
+        with zipfile.ZipFile(path) as archive:
+            largest = max(archive.infolist(), key=lambda info: info.file_size)
+        start = largest.header_offset + 30 + len(largest.filename.encode()) + len(largest.extra) + 4096
+        data[start : start + 1000] = bytes(255 - b for b in data[start : start + 1000])
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("truncated", "not a readable checkpoint, truncated or damaged"),
+        ("empty", "the file is empty"),
+        ("random", "not a readable checkpoint, truncated or damaged"),
+        ("tensor_bytes", "checksum mismatch: the file was damaged after it was written"),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_in_one_line_before_training(synthetic, tmp_path, how, message):
+    fit(synthetic, 1, ckpt_dir=tmp_path)
+    damaged = damage(tmp_path / "last.ckpt", how, tmp_path)
+    with pytest.raises(ConfigError, match=message) as refused:
+        fit(synthetic, 2, ckpt_path=damaged)
+    assert "\n" not in str(refused.value) and str(damaged) in str(refused.value)
+
+
+def test_a_checkpoint_of_another_model_or_without_federated_state_is_refused(synthetic, tmp_path):
+    fit(synthetic, 1, ckpt_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"another model's weights \(missing \['net.0.bias'"):
+        fit(synthetic, 2, ckpt_path=tmp_path / "last.ckpt", module=LitClassifier())  # the seed CNN
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    del checkpoint[CHECKPOINT_KEY]
+    VerifiedCheckpointIO().save_checkpoint(checkpoint, tmp_path / "plain.ckpt")  # whole, but not federated
+    with pytest.raises(ConfigError, match="not written by FederatedDPStrategy"):
+        fit(synthetic, 2, ckpt_path=tmp_path / "plain.ckpt")
+    plain = make_trainer("auto", 1, enable_checkpointing=False)  # a plain Lightning run's checkpoint
+    plain.fit(small_classifier(), DataLoader(synthetic.train, batch_size=32), DataLoader(synthetic.test, batch_size=64))
+    plain.save_checkpoint(tmp_path / "lightning.ckpt")
+    with pytest.raises(ConfigError, match="carries no checksum"):
+        fit(synthetic, 2, ckpt_path=tmp_path / "lightning.ckpt")
 
 
 def test_a_checkpoint_write_that_dies_halfway_leaves_the_previous_checkpoint_intact(synthetic, tmp_path, monkeypatch):

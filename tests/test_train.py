@@ -8,7 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fl_dp_lightning.strategy.federated_dp import CHECKPOINT_KEY
+from fl_dp_lightning.checkpoint import CHECKPOINT_KEY
 
 from .test_config import composed
 

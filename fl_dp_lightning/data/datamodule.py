@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -23,12 +24,15 @@ class ClientDatasets:
 
     def __init__(self, datasets: Mapping[str, Dataset], batch_size: int):
         if not datasets:
-            raise ValueError("ClientDatasets needs at least one client")
+            raise ConfigError("ClientDatasets needs at least one client")
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+            raise ConfigError(f"batch_size={batch_size}: must be >= 1")
         empty = [name for name, ds in datasets.items() if len(ds) == 0]
         if empty:
-            raise ValueError(f"clients {empty} hold no training examples; repartition or drop them")
+            raise ConfigError(
+                f"clients {empty} hold no training examples: use fewer clients (client.count) or a less skewed "
+                "partition (a larger client.dirichlet_alpha)"
+            )
         self.datasets = dict(datasets)
         self.batch_size = batch_size
 
@@ -94,19 +98,24 @@ class FederatedDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         if (train is None) != (test is None):
-            raise ValueError("pass both `train` and `test` data sets, or neither (then `source` is loaded)")
+            raise ConfigError("pass both `train` and `test` data sets, or neither (then `source` is loaded)")
         names = list(train) if isinstance(train, Mapping) else self._names(clients)
         # validated by the same typed configs that train.py uses
         DataConfig(name=source, root=root, eval_batch_size=eval_batch_size)
         ClientConfig(count=len(names), names=names, partition=partition, dirichlet_alpha=dirichlet_alpha)
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}: must be >= 1")
-        self.save_hyperparameters(ignore=["train", "test", "clients"])
+        # settings live in attributes, not in hparams: LightningCLI and subclasses replace hparams
+        self.source, self.partition, self.dirichlet_alpha = source, partition, dirichlet_alpha
+        self.batch_size, self.eval_batch_size, self.root = batch_size, eval_batch_size, root
+        self.seed, self.synthetic_sizes = seed, tuple(synthetic_sizes)
+        self.save_hyperparameters(ignore=["train", "test", "clients"])  # for the loggers
         self.hparams["clients"] = names
         self.client_names = names
         self._given = (train, test) if train is not None else None
         self.client_datasets: dict[str, Dataset] = {}
         self.test_set: Dataset | None = None
+        self.data_origin: str | None = None
 
     @staticmethod
     def _names(clients: int | Sequence[str]) -> list[str]:
@@ -133,12 +142,11 @@ class FederatedDataModule(pl.LightningDataModule):
 
     def load_source(self) -> DataSource:
         """Loads the configured source (see :mod:`fl_dp_lightning.data.sources`)."""
-        hp = self.hparams
-        if hp.source == "mnist":
-            return load_mnist(hp.root, hp.seed)
-        if hp.source == "fashion_mnist":
-            return load_fashion_mnist(hp.root, hp.seed)
-        return load_synthetic(*hp.synthetic_sizes, seed=hp.seed)
+        if self.source == "mnist":
+            return load_mnist(self.root, self.seed)
+        if self.source == "fashion_mnist":
+            return load_fashion_mnist(self.root, self.seed)
+        return load_synthetic(*self.synthetic_sizes, seed=self.seed)
 
     def setup(self, stage: str | None = None) -> None:
         if self.test_set is not None:
@@ -153,25 +161,59 @@ class FederatedDataModule(pl.LightningDataModule):
             self.client_datasets = dict(train)
         else:
             self.client_datasets = split_among_clients(train, self.client_names, self._shares(train))
+        self.data_origin = origin
         self.hparams["data_origin"] = origin
-        sizes = {name: len(ds) for name, ds in self.client_datasets.items()}
-        rank_zero_info(f"Data: {origin}; client examples {sizes}; test examples {len(self.test_set)}")
+        rank_zero_info(f"Data: {origin}; {describe_sizes(self.client_sizes())}; test examples {len(self.test_set)}")
+
+    def client_sizes(self) -> dict[str, int]:
+        """Each client's record count (public under the replace-one guarantee)."""
+        return {name: len(ds) for name, ds in self.client_datasets.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint records of the data, so a resume on other data is refused."""
+        return {"data_origin": self.data_origin, "client_sizes": self.client_sizes()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        diffs = [
+            f"{key}: checkpoint {state.get(key)!r}, now {value!r}"
+            for key, value in self.state_dict().items()
+            if state.get(key) != value
+        ]
+        if diffs:
+            raise ConfigError(
+                "the checkpoint was trained on other data: " + "; ".join(diffs) + "; resume with the same data"
+            )
 
     def _shares(self, train: Dataset) -> list:
-        hp, n = self.hparams, len(self.client_names)
-        if hp.partition == "iid":
-            return iid_partition(len(train), n, hp.seed)
+        n = len(self.client_names)
+        if self.partition == "iid":
+            return iid_partition(len(train), n, self.seed)
         if isinstance(train, TensorDataset):
             labels = train.tensors[1]
         else:
             labels = torch.as_tensor([int(train[i][1]) for i in range(len(train))])
-        return dirichlet_partition(labels, n, hp.dirichlet_alpha, hp.seed)
+        return dirichlet_partition(labels, n, self.dirichlet_alpha, self.seed)
 
     def train_dataloader(self) -> ClientDatasets:
-        return ClientDatasets(self.client_datasets, self.hparams.batch_size)
+        return ClientDatasets(self.client_datasets, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return eval_loader(self.test_set, self.hparams.eval_batch_size)
+        return eval_loader(self.test_set, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return eval_loader(self.test_set, self.hparams.eval_batch_size)
+        return eval_loader(self.test_set, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The shared test set (public), for ``trainer.predict(model, datamodule=...)``."""
+        return eval_loader(self.test_set, self.eval_batch_size)
+
+
+def describe_sizes(sizes: Mapping[str, int], listed: int = 10) -> str:
+    """Client sizes for a log line: every client up to ``listed``, else count, min, median and max."""
+    if len(sizes) <= listed:
+        return f"client examples {dict(sizes)}"
+    values = sorted(sizes.values())
+    return (
+        f"{len(values)} clients, examples per client min {values[0]}, median {values[len(values) // 2]}, "
+        f"max {values[-1]}"
+    )

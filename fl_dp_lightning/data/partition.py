@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fl_dp_lightning.config import ConfigError
+
 
 def iid_partition(num_examples: int, num_clients: int, seed: int) -> list[Tensor]:
     """Shuffles ``range(num_examples)`` and cuts it into ``num_clients`` near-equal shares.
@@ -13,7 +15,9 @@ def iid_partition(num_examples: int, num_clients: int, seed: int) -> list[Tensor
     Share sizes differ by at most one; every index lands in exactly one share.
     """
     if num_clients < 1 or num_examples < num_clients:
-        raise ValueError(f"cannot split {num_examples} examples among {num_clients} clients")
+        raise ConfigError(
+            f"client.count={num_clients}: cannot split {num_examples} examples among {num_clients} clients; use fewer"
+        )
     order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed))
     return list(torch.tensor_split(order, num_clients))
 

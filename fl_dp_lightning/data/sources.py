@@ -17,12 +17,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from fl_dp_lightning.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 PACKAGED_MNIST = Path(__file__).parent / "assets" / "mnist-t10k"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 MNIST_MEAN_STD = (0.1307, 0.3081)
 FASHION_MNIST_MEAN_STD = (0.2860, 0.3530)
+REPLACE_FILE = "reinstall or re-download it (delete it and rerun to download again)"
 FALLBACK_TRAIN_SIZE = 8000
 """Training examples taken from the packaged 10,000 MNIST test digits (the rest is the test split)."""
 
@@ -40,15 +43,18 @@ class DataSource:
 def read_idx(path: Path) -> Tensor:
     """Reads an IDX file (the MNIST format), gzip-compressed or not, into a uint8 tensor."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:  # a damaged gzip stream
+        raise ConfigError(f"{path} cannot be read ({err}); {REPLACE_FILE}") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file (bad magic number {raw[:4]!r})")
+        raise ConfigError(f"{path} is not an unsigned-byte IDX file (bad magic number {raw[:4]!r}); {REPLACE_FILE}")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says shape {shape} but holds {data.size} values (truncated file?)")
+        raise ConfigError(f"{path}: header says shape {shape} but holds {data.size} values (truncated); {REPLACE_FILE}")
     return torch.from_numpy(data.reshape(shape).copy())
 
 
@@ -76,7 +82,7 @@ def read_idx_split(directory: Path, prefix: str, mean_std: tuple[float, float]) 
     images = read_idx(directory / f"{prefix}-images-idx3-ubyte.gz")
     labels = read_idx(directory / f"{prefix}-labels-idx1-ubyte.gz")
     if len(images) != len(labels):
-        raise ValueError(f"{directory}/{prefix}: {len(images)} images but {len(labels)} labels")
+        raise ConfigError(f"{directory}/{prefix}: {len(images)} images but {len(labels)} labels; {REPLACE_FILE}")
     return to_dataset(images, labels, mean_std)
 
 
@@ -95,11 +101,17 @@ def load_mnist(root: str | Path = "data", seed: int = 0) -> DataSource:
     from torchvision.datasets import MNIST
 
     root = Path(root)
+    present = any((root / "MNIST" / "raw").glob("*ubyte*"))
     try:
         train = torchvision_split(MNIST, root, True, MNIST_MEAN_STD)
         test = torchvision_split(MNIST, root, False, MNIST_MEAN_STD)
         return DataSource(train, test, f"torchvision MNIST at {root}")
-    except (OSError, RuntimeError) as err:  # torchvision raises RuntimeError when every mirror fails
+    except (OSError, RuntimeError, ValueError) as err:  # torchvision raises RuntimeError when every mirror fails
+        if present:  # the files are there but damaged: training on other data would hide it
+            raise ConfigError(
+                f"data.root={str(root)!r}: the MNIST files under {root / 'MNIST' / 'raw'} cannot be read "
+                f"({type(err).__name__}: {err}); delete them to download again"
+            ) from err
         message = (
             f"MNIST is not under {root} and could not be downloaded ({type(err).__name__}: {err}). "
             f"FALLING BACK to the 10,000 real MNIST test digits shipped with fl_dp_lightning, split "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+from fl_dp_lightning.config import ConfigError
 from fl_dp_lightning.privacy.accountants import epsilon_spent, make_accountant
 
 MAX_NOISE_MULTIPLIER = 1e4
@@ -51,7 +52,7 @@ def calibrate_noise_multiplier(
     while eps(high) > target_epsilon:
         low, high = high, 2 * high
         if high > MAX_NOISE_MULTIPLIER:
-            raise ValueError(
+            raise ConfigError(
                 f"privacy.target_epsilon={target_epsilon} is out of reach at delta={delta} with sample rate "
                 f"{sample_rate:.4g} over {steps} steps: raise the target, train fewer rounds or use larger clients"
             )

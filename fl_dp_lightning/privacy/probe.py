@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fl_dp_lightning.config import ConfigError
+
 PROBE_BATCH = 6
 """Records in the probe batch."""
 
@@ -24,7 +26,7 @@ RTOL, ATOL = 1e-3, 1e-5
 """Tolerance of the probe's comparisons (float32 sums in different orders)."""
 
 
-class SensitivityError(ValueError):
+class SensitivityError(ConfigError):
     """The module breaks per-example sensitivity; the message names the cause and the fix."""
 
 

@@ -16,7 +16,7 @@ import torch
 from opacus.accountants import IAccountant
 from torch.utils.data import Dataset
 
-from fl_dp_lightning.config import PrivacyConfig
+from fl_dp_lightning.config import ConfigError, PrivacyConfig
 from fl_dp_lightning.privacy.accountants import epsilon_spent, make_accountant
 from fl_dp_lightning.privacy.randomness import NOISE_STREAM, SAMPLER_STREAM, stream_generator
 from fl_dp_lightning.strategy.sampling import poisson_batches, poisson_steps_per_epoch, shuffled_batches
@@ -95,7 +95,7 @@ class ClientState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["sample_rate"] != self.sample_rate:
-            raise ValueError(
+            raise ConfigError(
                 f"client {self.name!r}: checkpoint sample rate {state['sample_rate']} differs from "
                 f"{self.sample_rate} (batch size or data changed); resume with the original settings"
             )
@@ -123,12 +123,12 @@ def make_client(
     alone under ``privacy.unsafe_seeded_randomness`` (and without privacy, where nothing is protected)."""
     n = len(dataset)
     if batch_size > n:
-        raise ValueError(
+        raise ConfigError(
             f"client {name!r} holds {n} examples, fewer than the batch size {batch_size}: "
             "lower trainer.batch_size, use fewer clients, or give this client more data"
         )
     if privacy.enabled and privacy.delta >= 1 / n:
-        raise ValueError(
+        raise ConfigError(
             f"privacy.delta={privacy.delta:g} is not below 1/n = 1/{n} for client {name!r}: a delta that large "
             f"permits releasing a record outright; set privacy.delta well below {1 / n:.2g} (e.g. 1e-5)"
         )

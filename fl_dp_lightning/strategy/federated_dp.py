@@ -15,7 +15,7 @@ per-example gradients), per-example gradients are cleared after every step, and 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -34,16 +34,14 @@ from torch import Tensor
 from typing_extensions import override
 
 from fl_dp_lightning.aggregation import RunningAverage
-from fl_dp_lightning.checkpoint import AtomicCheckpointIO
-from fl_dp_lightning.config import PrivacyConfig
+from fl_dp_lightning.checkpoint import CHECKPOINT_KEY, VerifiedCheckpointIO
+from fl_dp_lightning.config import ConfigError, PrivacyConfig
 from fl_dp_lightning.data.datamodule import ClientDatasets
 from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
 from fl_dp_lightning.privacy.probe import check_sensitivity
 from fl_dp_lightning.strategy.client import ClientReport, ClientState, make_client
 from fl_dp_lightning.strategy.sampling import take_batch
 from fl_dp_lightning.strategy.schedule import RoundPlan, clients_per_round, plan_round
-
-CHECKPOINT_KEY = "fl_dp_lightning"
 
 
 class FederatedRounds:
@@ -60,12 +58,12 @@ class FederatedRounds:
         log_rounds: bool = True,
         **kwargs: Any,
     ):
-        kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
+        kwargs.setdefault("checkpoint_io", VerifiedCheckpointIO())
         super().__init__(**kwargs)
         if local_epochs < 1:
-            raise ValueError(f"local_epochs={local_epochs}: must be >= 1")
+            raise ConfigError(f"local_epochs={local_epochs}: must be >= 1")
         if not 0 < client_fraction <= 1:
-            raise ValueError(f"client_fraction={client_fraction}: must be in (0, 1]")
+            raise ConfigError(f"client_fraction={client_fraction}: must be in (0, 1]")
         self.privacy = privacy if privacy is not None else PrivacyConfig()
         self.local_epochs = local_epochs
         self.client_fraction = client_fraction
@@ -117,7 +115,7 @@ class FederatedRounds:
         if trainer.state.fn != TrainerFn.FITTING:
             return
         if len(self.optimizers) != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"FederatedDPStrategy trains with exactly one optimizer; configure_optimizers returned "
                 f"{len(self.optimizers)}. Return a single optimizer."
             )
@@ -167,7 +165,7 @@ class FederatedRounds:
                 "use precision='bf16-mixed' (or '16-mixed', 32)"
             )
         if problems:
-            raise ValueError("FederatedDPStrategy cannot train with these settings:\n- " + "\n- ".join(problems))
+            raise ConfigError("FederatedDPStrategy cannot train with these settings: " + "; ".join(problems))
 
     def _fix_modules(self) -> None:
         """Replaces, in place, every layer Opacus has a fixer for (BatchNorm -> GroupNorm, ...), and turns
@@ -193,7 +191,7 @@ class FederatedRounds:
         errors += [f"{name} works in place, which breaks per-sample gradient hooks" for name in in_place_layers(module)]
         if errors:
             listed = "; ".join(errors)
-            raise ValueError(
+            raise ConfigError(
                 f"{type(module).__name__} has layers DP-SGD cannot train: {listed}. Fix: set "
                 "privacy.fix_modules=true (PrivacyConfig(fix_modules=True)) to replace them in place with Opacus's "
                 "fixes (BatchNorm becomes GroupNorm), or replace them in your module."
@@ -250,7 +248,7 @@ class FederatedRounds:
     def _bind_clients(self, data: ClientDatasets) -> None:
         if self.clients:
             if list(self.clients) != list(data.datasets):
-                raise ValueError(f"clients changed during training: {list(self.clients)} -> {list(data.datasets)}")
+                raise ConfigError(f"clients changed during training: {list(self.clients)} -> {list(data.datasets)}")
             return
         for weakness in self.privacy.weakened_by():
             warnings.warn(f"the privacy guarantee is weakened by {weakness}", stacklevel=2)
@@ -292,7 +290,7 @@ class FederatedRounds:
         except RuntimeError as err:
             if "BackwardHookFunction" not in str(err):
                 raise
-            raise ValueError(
+            raise ConfigError(
                 "the module's forward modifies a layer's output in place (for example torchvision ResNet's "
                 "`out += identity`), which Opacus's per-sample-gradient hooks cannot follow; nothing was trained. "
                 "Fix: write it out of place (`out = out + identity`), e.g. fl_dp_lightning.models.resnet18_groupnorm()."
@@ -308,7 +306,7 @@ class FederatedRounds:
         """Sets each client's noise multiplier so that all planned rounds spend ``privacy.target_epsilon``."""
         rounds = self.lightning_module.trainer.max_epochs
         if rounds is None or rounds < 1:
-            raise ValueError("privacy.target_epsilon needs a finite number of rounds: set Trainer(max_epochs=...)")
+            raise ConfigError("privacy.target_epsilon needs a finite number of rounds: set Trainer(max_epochs=...)")
         self.planned_rounds = rounds
         chosen = {}
         for client in self.clients.values():
@@ -521,7 +519,7 @@ class FederatedRounds:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{checkpoint_path} was not written by FederatedDPStrategy: it carries no client privacy "
                 "state, so resuming would forget the privacy already spent. Start a new run instead."
             )
@@ -531,21 +529,44 @@ class FederatedRounds:
             self._load_clients(state)
         return checkpoint
 
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        ours = self.lightning_module.state_dict()
+        theirs = checkpoint["state_dict"]
+        missing = sorted(set(ours) - set(theirs))
+        unexpected = sorted(set(theirs) - set(ours))
+        reshaped = sorted(k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape)
+        if strict and (missing or unexpected or reshaped):
+            raise ConfigError(
+                f"the checkpoint holds another model's weights (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                f"other shapes {reshaped[:3]}); resume with the model that wrote it, or start anew"
+            )
+        super().load_model_state_dict(checkpoint, strict=strict)
+
     def _check_settings(self, state: dict[str, Any]) -> None:
         current = self.state_dict()
+        saved_privacy, privacy = state["privacy"], current["privacy"]
         diffs = [
-            f"{key}: checkpoint {state[key]!r} != now {current[key]!r}"
-            for key in ("privacy", "seed", "local_epochs", "client_fraction")
+            f"privacy.{key}: checkpoint {saved_privacy.get(key)!r}, now {privacy[key]!r}"
+            for key in privacy
+            if saved_privacy.get(key) != privacy[key]
+        ]
+        diffs += [
+            f"{key}: checkpoint {state[key]!r}, now {current[key]!r}"
+            for key in ("seed", "local_epochs", "client_fraction")
             if state[key] != current[key]
         ]
         if diffs:
-            raise ValueError("checkpoint made with other settings; resume with them or start anew: " + "; ".join(diffs))
+            raise ConfigError(
+                "checkpoint made with other settings; resume with them or start anew: " + "; ".join(diffs)
+            )
 
     def _load_clients(self, state: dict[str, Any]) -> None:
         saved = state["clients"]
-        if set(saved) != set(self.clients):
-            raise ValueError(
-                f"checkpoint clients {sorted(saved)} differ from the data's clients {sorted(self.clients)}"
+        if list(saved) != list(self.clients):
+            raise ConfigError(
+                f"checkpoint clients {list(saved)} differ from the data's clients {list(self.clients)} (names and "
+                "order must match); resume with the same client names"
             )
         for name, client in self.clients.items():
             client.load_state_dict(saved[name])
@@ -564,7 +585,7 @@ class FederatedRounds:
         for name, client in self.clients.items():
             done = sum(steps for _, _, steps in client.accountant.history)
             reach[name] = round(client.epsilon_after(rounds * client.steps_per_round - done, self.privacy.delta), 4)
-        raise ValueError(
+        raise ConfigError(
             f"privacy.target_epsilon={self.privacy.target_epsilon} was calibrated for {planned} rounds; resuming to "
             f"{rounds} rounds would bring epsilon to {reach}. Resume with trainer.rounds={planned}, or set "
             "privacy.max_epsilon to cap the spending"
