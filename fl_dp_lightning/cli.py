@@ -1,12 +1,20 @@
-"""What ``python train.py`` runs: typed config in, a trained global model and a results file out."""
+"""What ``python train.py`` runs: typed config in, a trained global model and a results file out.
+
+The error contract: every refusal, whether Hydra's (unknown key, wrong type, unknown option), the config's, or
+the library's once data, module or checkpoint are loaded, ends the run before training with one line
+``error: <key or file>...: <rule and fix>`` on stderr and exit status 2.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 import torch
@@ -15,6 +23,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from fl_dp_lightning.callbacks import FederatedLogger, FederatedProgressBar
 from fl_dp_lightning.config import Config, ConfigError, HardwareConfig, require
@@ -22,11 +31,36 @@ from fl_dp_lightning.data import FederatedDataModule
 from fl_dp_lightning.strategy import FederatedDPStrategy
 from fl_dp_lightning.strategy.distributed import DistributedFederatedDPStrategy
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+LAUNCHER_VARIABLES = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS")
+"""Environment variables that torchrun or SLURM set for every process they launch."""
+
+
+def unknown_keys(cfg: DictConfig, schema: type = Config, prefix: str = "") -> list[str]:
+    """Keys of ``cfg`` that the typed schema does not have (``+key=value`` typos); ``model`` is free-form."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    found = []
+    for key in cfg:
+        field = fields.get(key)
+        if field is None:
+            found.append(f"{prefix}{key}" + did_you_mean(str(key), fields, prefix))
+        elif dataclasses.is_dataclass(field.default_factory) and isinstance(cfg[key], DictConfig):
+            found += unknown_keys(cfg[key], field.default_factory, f"{prefix}{key}.")
+    return found
+
+
+def did_you_mean(key: str, known: Any, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
 
 def to_config(cfg: DictConfig | Config) -> Config:
     """Converts a composed Hydra config to the typed :class:`Config`, validating every group."""
     if isinstance(cfg, Config):
         return cfg
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(f"{', '.join(unknown)}: unknown key; remove it (see the README's configuration table)")
     try:
         return OmegaConf.to_object(cfg)
     except ConfigError:
@@ -39,7 +73,14 @@ def to_config(cfg: DictConfig | Config) -> Config:
 
 
 def check_hardware(hardware: HardwareConfig) -> None:
-    """Refuses hardware this machine lacks, naming the key and the fix."""
+    """Refuses hardware this machine lacks, or nodes without a launcher, naming the key and the fix."""
+    require(
+        hardware.num_nodes == 1 or any(v in os.environ for v in LAUNCHER_VARIABLES),
+        "hardware.num_nodes",
+        hardware.num_nodes,
+        "several nodes need a launcher on each node: start with torchrun --nnodes N ... train.py or srun python "
+        "train.py (see the README), or set hardware.num_nodes=1",
+    )
     if hardware.accelerator == "gpu":
         require(
             torch.cuda.is_available(),
@@ -135,14 +176,107 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     return results
 
 
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point: a bad config value ends the run with one line naming the key."""
-    from hydra.core.hydra_config import HydraConfig
+def main(cfg: DictConfig, run_dir: str | Path | None = None) -> None:
+    """Hydra entry point: a refusal ends the run with one line naming the key or file, exit status 2."""
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
 
+        run_dir = HydraConfig.get().runtime.output_dir
     try:
-        results = run(cfg, HydraConfig.get().runtime.output_dir)
+        results = run(cfg, run_dir)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
     if rank_zero_only.rank == 0:
         print(json.dumps(results, indent=2))
+
+
+def fail(err: BaseException) -> NoReturn:
+    """Prints the one-line ``error: ...`` for ``err`` and exits with status 2."""
+    print(f"error: {describe(err)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def describe(err: BaseException) -> str:
+    """One line naming the key (or file) and what is wrong, from our errors, Hydra's and OmegaConf's."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    chain, cause = [], err
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for e in chain:
+        if isinstance(e, ConfigError):
+            return " ".join(str(e).split())
+        if isinstance(e, MissingConfigException) and e.missing_cfg_file:
+            group, _, option = e.missing_cfg_file.rpartition("/")
+            options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+            return f"{group}={option}: no such option; choose one of {options}"
+        if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
+            rule = str(e).strip().splitlines()[0]
+            if "not in" in rule:
+                group, _, name = e.full_key.rpartition(".")
+                schema = {f.name: f.default_factory for f in dataclasses.fields(Config)}.get(group, Config)
+                known = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else []
+                hint = did_you_mean(name, known, f"{group}." if group else "")
+                return f"{e.full_key}{hint}: unknown key; remove it (see the README's configuration table)"
+            return f"{e.full_key}: {rule}"
+        if isinstance(e, OverrideParseException):
+            return f"cannot parse the override: {str(e).strip().splitlines()[0]}"
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Composes the config as ``train.py`` will, before Hydra starts, so a bad override gets the one-line error.
+
+    Hydra's own messages span several lines and exit with 1; this runs first and exits with 2. Sweeps
+    (``-m key=a,b``) are checked with their first value; Hydra's own flags (``--cfg``, ``--help``...) pass through.
+    """
+    flags = [a for a in argv if a.startswith("-")]
+    if any(f not in ("-m", "--multirun") for f in flags):
+        return
+    try:
+        compose_overrides([a for a in argv if not a.startswith("-")])
+    except Exception as err:  # every composition error becomes one line (see describe)
+        fail(err)
+
+
+def compose_overrides(overrides: list[str]) -> Config:
+    """The typed config that ``overrides`` give (the first value of each sweep); raises on any bad value."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fl_dp_lightning.config import register_configs
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    single = []
+    for override in parsed:
+        if override.key_or_group.startswith("hydra"):
+            continue
+        if override.is_sweep_override():
+            single.append(f"{override.get_key_element()}={next(override.sweep_string_iterator())}")
+        else:
+            single.append(override.input_line)
+        check_boolean(override)
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            conf = to_config(compose(config_name="config", overrides=single))
+    finally:
+        GlobalHydra.instance().clear()
+    check_hardware(conf.hardware)
+    return conf
+
+
+def check_boolean(override: Any) -> None:
+    """Refuses ``key=2`` for a boolean key (OmegaConf would read any non-zero number as true)."""
+    group, _, name = override.key_or_group.rpartition(".")
+    schema = {f.name: f for f in dataclasses.fields(Config)}.get(group)
+    if schema is None or not dataclasses.is_dataclass(schema.default_factory):
+        return
+    field = {f.name: f for f in dataclasses.fields(schema.default_factory)}.get(name)
+    value = override.value() if not override.is_sweep_override() else None
+    if field is not None and field.type in ("bool", bool) and value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{override.key_or_group}={value!r}: must be true or false")

@@ -88,7 +88,12 @@ class ClientConfig:
     def __post_init__(self) -> None:
         require(self.count >= 1, "client.count", self.count, "need at least one client")
         require(self.partition in PARTITIONS, "client.partition", self.partition, f"choose one of {PARTITIONS}")
-        require(self.dirichlet_alpha > 0, "client.dirichlet_alpha", self.dirichlet_alpha, "must be > 0")
+        require(
+            0 < self.dirichlet_alpha < math.inf,
+            "client.dirichlet_alpha",
+            self.dirichlet_alpha,
+            "must be > 0 and finite",
+        )
         require(0 < self.fraction <= 1, "client.fraction", self.fraction, "must be in (0, 1]")
         require(
             all(isinstance(n, str) and n.strip() and n == n.strip() for n in self.names),

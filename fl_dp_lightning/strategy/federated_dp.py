@@ -148,6 +148,15 @@ class FederatedRounds:
                 f"gradient_clip_val={trainer.gradient_clip_val}: DP-SGD already clips each example's gradient "
                 "at privacy.max_grad_norm; remove gradient_clip_val"
             )
+        if trainer.fast_dev_run:
+            problems.append(
+                f"fast_dev_run={trainer.fast_dev_run}: it stops in the middle of a round, after the first client's "
+                "first batches; for a quick check train one round on small data (trainer.rounds=1 data=synthetic)"
+            )
+        if trainer.max_steps != -1:
+            problems.append(
+                f"max_steps={trainer.max_steps}: a run must end at a round boundary; set the rounds with max_epochs"
+            )
         if trainer.limit_train_batches not in (1.0, None):
             problems.append(
                 f"limit_train_batches={trainer.limit_train_batches}: a round must run every client's steps; "
@@ -458,6 +467,12 @@ class FederatedRounds:
     def _end_client(self) -> None:
         client = self._client
         state = self.lightning_module.state_dict()
+        # the client's released (noised) weights: checking them is post-processing, it costs no privacy
+        if not all(torch.isfinite(p).all() for p in self.lightning_module.parameters()):
+            raise ConfigError(
+                f"client {client.name!r} ended round {self.lightning_module.trainer.current_epoch + 1} with "
+                "non-finite weights (the training diverged): lower the learning rate (model.lr) or check the data"
+            )
         self._average.add(state, weight=client.num_examples)
         steps = self._metric_steps
         metrics = {k: float(v) / steps for k, v in self._metric_sums.items()} if steps else {}
