@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from fl_dp_lightning.privacy.report import format_report, privacy_report
@@ -20,6 +21,28 @@ def federated_strategy(trainer: pl.Trainer) -> Any:
     if not isinstance(trainer.strategy, FederatedRounds):
         raise TypeError(f"this callback needs Trainer(strategy=FederatedDPStrategy(...)), got {trainer.strategy}")
     return trainer.strategy
+
+
+TENSORBOARD_LAYOUT = {
+    "Privacy": {
+        "epsilon per client": ["Multiline", [r"privacy/epsilon/.*"]],
+        "largest epsilon": ["Multiline", ["privacy/epsilon_max"]],
+    },
+    "Global model": {
+        "validation accuracy": ["Multiline", [r"val/acc.*"]],
+        "validation loss": ["Multiline", [r"val/loss.*"]],
+    },
+}
+"""TensorBoard's CUSTOM SCALARS tab: epsilon per client and the global model's curves, one chart each."""
+
+
+def unused_path(path: Path) -> Path:
+    """``path``, or ``<stem>-2<suffix>``, ``-3``... when a file is already there (runs never overwrite reports)."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
 
 
 def epsilon_text(strategy: Any, epsilon: float | None) -> str:
@@ -48,7 +71,9 @@ class FederatedLogger(Callback):
     ``privacy.unsafe_release_training_metrics``.
 
     At the end of training it writes the privacy report (JSON, see :mod:`fl_dp_lightning.privacy.report`) to
-    ``report_path`` (default: ``<Trainer.default_root_dir>/privacy_report.json``) and logs it as a table.
+    ``report_path`` (default: ``privacy_report.json`` in the logger's run folder, ``Trainer.log_dir``, else in
+    ``default_root_dir``, numbered rather than overwriting another run's) and logs it as a table. With TensorBoard it
+    adds a CUSTOM SCALARS layout: epsilon per client, validation accuracy and loss.
 
     Args:
         report_path: where to write the privacy report.
@@ -74,7 +99,7 @@ class FederatedLogger(Callback):
             logger.log_metrics(metrics, step=trainer.current_epoch)
         if "privacy/epsilon_max" in metrics:
             # past the strategy's guard on training-stage logging: epsilon is public, it comes from the accountant
-            pl.LightningModule.log(
+            type(pl_module).log(
                 pl_module, "privacy/epsilon_max", metrics["privacy/epsilon_max"], prog_bar=True, logger=False
             )
         for report in strategy.last_round:
@@ -90,11 +115,18 @@ class FederatedLogger(Callback):
                 "privacy.unsafe_release_training_metrics=true"
             )
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
+
     @rank_zero_only
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = federated_strategy(trainer)
         report = privacy_report(strategy)
-        path = self.report_path or Path(trainer.default_root_dir) / "privacy_report.json"
+        path = self.report_path or unused_path(
+            Path(trainer.log_dir or trainer.default_root_dir) / "privacy_report.json"
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
         rank_zero_info(f"{format_report(report)}\nPrivacy report written to {path}")

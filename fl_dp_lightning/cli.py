@@ -130,12 +130,13 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
     multi = conf.hardware.devices * conf.hardware.num_nodes > 1
     strategy = DistributedFederatedDPStrategy(**federated) if multi else FederatedDPStrategy(**federated)
     callbacks: list[Callback] = [
-        FederatedLogger(),
+        FederatedLogger(report_path=run_dir / "privacy_report.json"),
         RoundTimer(),
         # after every round (written atomically by the strategy), so a killed run resumes from its last round
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False),
     ]
-    if conf.trainer.progress_bar:
+    progress_bar = conf.trainer.progress_bar and sys.stderr.isatty()  # no carriage-return noise in logs and pipes
+    if progress_bar:
         callbacks.append(FederatedProgressBar())
     trainer = pl.Trainer(
         accelerator=conf.hardware.accelerator,
@@ -143,10 +144,10 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
         num_nodes=conf.hardware.num_nodes,
         strategy=strategy,
         max_epochs=conf.trainer.rounds,
-        logger=TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""),
+        logger=TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False),
         callbacks=callbacks,
         log_every_n_steps=conf.trainer.log_every_n_steps,
-        enable_progress_bar=conf.trainer.progress_bar,
+        enable_progress_bar=progress_bar,
         num_sanity_val_steps=0,
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,  # every process validates on the whole shared test set
@@ -154,20 +155,51 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
     return trainer, module, datamodule
 
 
+def run_hparams(conf: Config, data_origin: str | None) -> dict[str, Any]:
+    """Every config value as ``group.key`` (lists as text), and the data actually used, for TensorBoard's HPARAMS."""
+    flat = {"data.origin": data_origin or ""}
+    for group, values in dataclasses.asdict(conf).items():
+        for key, value in values.items() if isinstance(values, dict) else [("", values)]:
+            flat[f"{group}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def log_lightning_to_files() -> None:
+    """Sends Lightning's log lines (the per-round lines, the privacy report) to the run's log file too.
+
+    Lightning's logger does not propagate to the root logger, where Hydra's file handler (``train.log``) sits.
+    """
+    import logging
+
+    lightning_log = logging.getLogger("lightning.pytorch")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and handler not in lightning_log.handlers:
+            lightning_log.addHandler(handler)
+
+
 def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     """Trains, tests and writes ``results.json`` into ``run_dir``; returns the results."""
     conf = to_config(cfg)
     run_dir = Path(run_dir)
+    log_lightning_to_files()
     trainer, module, datamodule = build(conf, run_dir)
+    datamodule.setup("fit")  # the data origin, for the hyperparameters
+    # logged before training, with the final metrics as placeholders that the values at the end replace
+    final = {"final/test_acc": float("nan"), "final/epsilon_max": float("nan")}
+    trainer.logger.log_hyperparams(run_hparams(conf, datamodule.data_origin), final)
     trainer.fit(module, datamodule, ckpt_path=conf.trainer.ckpt_path)
     test_metrics = trainer.test(module, datamodule, verbose=False)[0]
     strategy: FederatedDPStrategy = trainer.strategy
     timer = next(cb for cb in trainer.callbacks if isinstance(cb, RoundTimer))
+    epsilons = strategy.epsilons()
+    final["final/test_acc"] = float(test_metrics.get("test/acc", float("nan")))
+    final["final/epsilon_max"] = max((eps for eps in epsilons.values() if eps is not None), default=float("nan"))
+    trainer.logger.log_metrics(final, step=trainer.global_step)
     results = {
         "data_origin": datamodule.data_origin,
-        "rounds": trainer.current_epoch,
+        "rounds": strategy.rounds_trained,
         "test": {k: float(v) for k, v in test_metrics.items()},
-        "epsilon": strategy.epsilons(),
+        "epsilon": epsilons,
         "delta": conf.privacy.delta if conf.privacy.enabled else None,
         "seconds_per_round": timer.seconds,
     }

@@ -18,6 +18,7 @@ ACCOUNTANTS = ("pld", "rdp", "gdp")
 RDP_CONVERSIONS = ("improved", "classic")
 LOSS_REDUCTIONS = ("mean", "sum")
 ACCELERATORS = ("cpu", "gpu")
+NORM_FIXES = ("auto", "groupnorm", "layernorm", "identity")
 
 
 class ConfigError(ValueError):
@@ -149,8 +150,11 @@ class PrivacyConfig:
     loss_reduction: str = "mean"
     """How the module's loss reduces over the batch (``mean`` or ``sum``); must match ``training_step``."""
     fix_modules: bool = False
-    """Replace layers DP-SGD cannot train with Opacus's fixes, in place, before training
-    (BatchNorm becomes GroupNorm); off, such layers are refused with this fix named."""
+    """Replace layers DP-SGD cannot train, in place, before training (BatchNorm as ``fix_norm`` says, in-place
+    activations turned off, Opacus's fixes for the rest); off, such layers are refused with this fix named."""
+    fix_norm: str = "auto"
+    """What replaces BatchNorm under ``fix_modules``: ``auto`` (GroupNorm(1, C) for BatchNorm1d, GroupNorm with up
+    to 32 groups for 2-D/3-D), ``groupnorm``, ``layernorm`` (GroupNorm(1, C)) or ``identity``."""
     secure_mode: bool = False
     """Opacus's floating-point-attack-resistant noise sampling (4x the noise draws). Noise and sampling are
     secret without it too (seeded from OS entropy)."""
@@ -192,6 +196,7 @@ class PrivacyConfig:
             f"choose one of {LOSS_REDUCTIONS}",
         )
         require(0 < self.delta < 1, "privacy.delta", self.delta, "must be in (0, 1), e.g. 1e-5")
+        require(self.fix_norm in NORM_FIXES, "privacy.fix_norm", self.fix_norm, f"choose one of {NORM_FIXES}")
         require(
             0 < self.max_grad_norm < math.inf, "privacy.max_grad_norm", self.max_grad_norm, "must be > 0 and finite"
         )

@@ -14,6 +14,7 @@ per-example gradients), per-example gradients are cleared after every step, and 
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
@@ -22,14 +23,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.types import _DEVICE
-from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.data import extract_batch_size
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
 from torch import Tensor
 from typing_extensions import override
 
@@ -38,6 +37,7 @@ from fl_dp_lightning.checkpoint import CHECKPOINT_KEY, VerifiedCheckpointIO
 from fl_dp_lightning.config import ConfigError, PrivacyConfig
 from fl_dp_lightning.data.datamodule import ClientDatasets
 from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
+from fl_dp_lightning.privacy.layers import fix_layers, unsupported_layers
 from fl_dp_lightning.privacy.probe import check_sensitivity
 from fl_dp_lightning.strategy.client import ClientReport, ClientState, make_client
 from fl_dp_lightning.strategy.sampling import take_batch
@@ -85,10 +85,12 @@ class FederatedRounds:
         self._batch_idx = -1
         self._empty_batch = False
         self._padding = False
+        self._round_schedule: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
         self._probing = False
         self._grad_hooks: list[Any] = []
         self.withheld_logs: set[str] = set()
         self.planned_rounds: int | None = None
+        self.rounds_trained = 0
 
     # ------------------------------------------------- process extension points
 
@@ -177,33 +179,26 @@ class FederatedRounds:
             raise ConfigError("FederatedDPStrategy cannot train with these settings: " + "; ".join(problems))
 
     def _fix_modules(self) -> None:
-        """Replaces, in place, every layer Opacus has a fixer for (BatchNorm -> GroupNorm, ...), and turns
-        in-place activations off (same numbers; in-place writes break Opacus's backward hooks)."""
-        module = self.lightning_module
-        for name in in_place_layers(module):
-            module.get_submodule(name).inplace = False
-            rank_zero_info(f"privacy.fix_modules: {name} no longer works in place")
-        for name, layer in list(module.named_modules()):
-            fixer = ModuleValidator.FIXERS.get(type(layer))
-            if fixer is None or not name:
-                continue
-            parent_name, _, child = name.rpartition(".")
-            parent = module.get_submodule(parent_name) if parent_name else module
-            replacement = fixer(layer)
-            setattr(parent, child, replacement)
-            rank_zero_info(f"privacy.fix_modules: replaced {name} ({type(layer).__name__}) with {replacement}")
+        """Replaces the layers DP-SGD cannot train, in place (see :mod:`fl_dp_lightning.privacy.layers`)."""
+        changes = fix_layers(self.lightning_module, self.privacy.fix_norm)
+        if any(change.startswith("replaced") for change in changes):
+            warnings.warn(
+                "privacy.fix_modules changed the model: " + "; ".join(changes) + ". Compare its accuracy without DP "
+                "(privacy=none) and try privacy.fix_norm=auto|groupnorm|layernorm|identity",
+                stacklevel=2,
+            )
+        for change in changes:
+            rank_zero_info(f"privacy.fix_modules: {change}")
 
     def _make_private(self) -> None:
         """Wraps the module for per-sample gradients and the optimizer for clipping and noise."""
         module = self.lightning_module
-        errors = [str(e) for e in ModuleValidator.validate(module, strict=False)]
-        errors += [f"{name} works in place, which breaks per-sample gradient hooks" for name in in_place_layers(module)]
-        if errors:
-            listed = "; ".join(errors)
+        unsupported = unsupported_layers(module)
+        if unsupported:
             raise ConfigError(
-                f"{type(module).__name__} has layers DP-SGD cannot train: {listed}. Fix: set "
-                "privacy.fix_modules=true (PrivacyConfig(fix_modules=True)) to replace them in place with Opacus's "
-                "fixes (BatchNorm becomes GroupNorm), or replace them in your module."
+                f"{type(module).__name__} has layers DP-SGD cannot train: {unsupported} Fix: set "
+                "privacy.fix_modules=true (PrivacyConfig(fix_modules=True)) to replace them in place (BatchNorm "
+                "becomes GroupNorm, see privacy.fix_norm), or replace them in your module."
             )
         # Hooks go on the module's own layers; Lightning keeps calling the LightningModule itself.
         self._grad_sample_module = GradSampleModule(
@@ -372,6 +367,7 @@ class FederatedRounds:
             trainer.should_stop = True
             return self._plan
         self._global_state = {k: v.detach().clone() for k, v in self.lightning_module.state_dict().items()}
+        self._round_schedule = self._schedule_state()
         # under DP only parameters leave a client: buffers keep their global values
         params = {name for name, _ in self.lightning_module.named_parameters()} if self.privacy.enabled else None
         self._average = RunningAverage(only=params)
@@ -404,10 +400,25 @@ class FederatedRounds:
             self._begin_client(self.clients[name])
         self._empty_batch = extract_batch_size(batch) == 0
 
+    def _schedule_state(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The optimizer's hyperparameters (learning rate, momentum...) and every LR scheduler's state."""
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizers[0].param_groups]
+        schedulers = [
+            copy.deepcopy(c.scheduler.state_dict()) for c in self.lightning_module.trainer.lr_scheduler_configs
+        ]
+        return groups, schedulers
+
     def _begin_client(self, client: ClientState) -> None:
         self.lightning_module.load_state_dict(self._global_state)
         optimizer = self.optimizers[0]
         optimizer.state.clear()  # a client starts a round with a fresh optimizer, as in FedAvg
+        # ... and at the round's point of the LR schedule: per-step schedulers would otherwise run on across the
+        # round's clients in sequence (the schedule continues from where the round's last client leaves it)
+        groups, schedulers = self._round_schedule
+        for group, saved in zip(optimizer.param_groups, groups):
+            group.update(saved)
+        for config, saved in zip(self.lightning_module.trainer.lr_scheduler_configs, schedulers):
+            config.scheduler.load_state_dict(copy.deepcopy(saved))  # the scheduler adopts the dict's objects
         if self._dp_optimizer is not None:
             self._dp_optimizer.noise_multiplier = client.noise_multiplier
             self._dp_optimizer.expected_batch_size = client.batch_size
@@ -480,6 +491,7 @@ class FederatedRounds:
         self._client = None
 
     def _end_round(self) -> None:
+        self.rounds_trained += 1
         self._combine_round()
         self.lightning_module.load_state_dict(self._average.result(self._global_state))
         self._plan = None
@@ -516,6 +528,7 @@ class FederatedRounds:
             "local_epochs": self.local_epochs,
             "client_fraction": self.client_fraction,
             "planned_rounds": self.planned_rounds,
+            "rounds_trained": self.rounds_trained,
             "clients": {name: c.state_dict() for name, c in self.clients.items()},
         }
 
@@ -586,6 +599,7 @@ class FederatedRounds:
         for name, client in self.clients.items():
             client.load_state_dict(saved[name])
         self.planned_rounds = state.get("planned_rounds")
+        self.rounds_trained = state.get("rounds_trained", 0)
         self._restored = None
         self._check_target_kept()
 
@@ -623,38 +637,40 @@ def _no_log(*args: Any, **kwargs: Any) -> None:
     pass
 
 
-def in_place_layers(module: torch.nn.Module) -> list[str]:
-    """Names of the submodules set to work in place (``nn.ReLU(inplace=True)`` and the like)."""
-    return [name for name, layer in module.named_modules() if getattr(layer, "inplace", False) is True]
-
-
-class FederatedDPStrategy(FederatedRounds, SingleDeviceStrategy):
-    """Federated averaging over named clients, each training with DP-SGD (Opacus) on its own data.
-
-    Use with :class:`~fl_dp_lightning.FederatedDataModule` (or any ``train_dataloader`` that returns
-    :class:`~fl_dp_lightning.data.ClientDatasets`); the LightningModule needs no change.
-
-    Args:
-        privacy: DP-SGD settings; ``PrivacyConfig(enabled=False)`` trains plain federated averaging.
-        local_epochs: passes each client makes over its own data per round.
-        client_fraction: fraction of clients sampled to train in each round, in (0, 1].
-        seed: seed of the client sampling, the batch sampling and the noise streams.
-        device: the device to train on; by default the accelerator's first device.
-        log_rounds: add a :class:`~fl_dp_lightning.callbacks.FederatedLogger` when the Trainer has none.
-    """
-
-    strategy_name = "federated_dp"
+class SingleDeviceRounds(FederatedRounds):
+    """The rounds on one device: the accelerator's first, unless ``device`` is given. Placed before a Lightning
+    ``SingleDeviceStrategy`` of either namespace (``lightning.pytorch`` or ``pytorch_lightning``)."""
 
     def __init__(self, *, device: _DEVICE | None = None, **kwargs: Any):
         super().__init__(device=device if device is not None else "cpu", **kwargs)
         self._device_given = device is not None
 
     @property
-    @override
     def root_device(self) -> torch.device:
-        if not self._device_given and isinstance(self.accelerator, CUDAAccelerator):
+        # by class name: the accelerator may come from either Lightning namespace
+        if not self._device_given and type(self.accelerator).__name__ == "CUDAAccelerator":
             return torch.device("cuda", torch.cuda.current_device())
         return self._root_device
+
+
+class FederatedDPStrategy(SingleDeviceRounds, SingleDeviceStrategy):
+    """Federated averaging over named clients, each training with DP-SGD (Opacus) on its own data.
+
+    Use with :class:`~fl_dp_lightning.FederatedDataModule` (or any ``train_dataloader`` that returns
+    :class:`~fl_dp_lightning.data.ClientDatasets`); the LightningModule needs no change. For projects written
+    against the standalone ``pytorch_lightning`` package, use ``fl_dp_lightning.pytorch_lightning.FederatedDPStrategy``.
+
+    Args:
+        privacy: DP-SGD settings; ``PrivacyConfig(enabled=False)`` trains plain federated averaging.
+        local_epochs: passes each client makes over its own data per round.
+        client_fraction: fraction of clients sampled to train in each round, in (0, 1].
+        seed: seed of the client sampling per round (and of batch sampling and noise only under
+            ``privacy.unsafe_seeded_randomness``).
+        device: the device to train on; by default the accelerator's first device.
+        log_rounds: add a :class:`~fl_dp_lightning.callbacks.FederatedLogger` when the Trainer has none.
+    """
+
+    strategy_name = "federated_dp"
 
 
 class _RoundIterable:
