@@ -36,6 +36,16 @@ TENSORBOARD_LAYOUT = {
 """TensorBoard's CUSTOM SCALARS tab: epsilon per client and the global model's curves, one chart each."""
 
 
+def run_folder(trainer: pl.Trainer) -> Path:
+    """The first logger's run folder, else ``default_root_dir`` (``Trainer.log_dir`` without its broadcast: this
+    runs on rank 0 alone)."""
+    for logger in trainer.loggers:
+        folder = getattr(logger, "log_dir", None) or logger.save_dir
+        if folder:
+            return Path(folder)
+    return Path(trainer.default_root_dir)
+
+
 def unused_path(path: Path) -> Path:
     """``path``, or ``<stem>-2<suffix>``, ``-3``... when a file is already there (runs never overwrite reports)."""
     candidate, n = path, 1
@@ -124,9 +134,7 @@ class FederatedLogger(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = federated_strategy(trainer)
         report = privacy_report(strategy)
-        path = self.report_path or unused_path(
-            Path(trainer.log_dir or trainer.default_root_dir) / "privacy_report.json"
-        )
+        path = self.report_path or unused_path(run_folder(trainer) / "privacy_report.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
         rank_zero_info(f"{format_report(report)}\nPrivacy report written to {path}")

@@ -95,11 +95,9 @@ def test_every_client_of_a_round_starts_at_the_same_point_of_a_per_step_schedule
 )
 def test_settings_that_stop_mid_round_are_refused(synthetic, trainer_kwargs, message):
     datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=2, batch_size=32)
-    kwargs = {"max_epochs": 1, **trainer_kwargs}
+    kwargs = {"rounds": 1, **trainer_kwargs}
     with pytest.raises(ConfigError, match=message):
-        pl.Trainer(strategy=FederatedDPStrategy(), logger=False, enable_progress_bar=False, **kwargs).fit(
-            UnawareModule(), datamodule
-        )
+        make_trainer(FederatedDPStrategy(), **kwargs).fit(UnawareModule(), datamodule)
 
 
 class MLPWithBatchNorm(UnawareModule):
@@ -180,6 +178,10 @@ def test_a_dp_checkpoint_is_within_10_percent_of_the_no_dp_checkpoint(synthetic,
         trainer.save_checkpoint(path)
         sizes[enabled] = path.stat().st_size
     assert sizes[True] <= 1.1 * sizes[False], sizes
+    for enabled in (True, False):  # the network really is in both (the template's situation)
+        assert isinstance(
+            torch.load(tmp_path / f"{enabled}.ckpt", weights_only=False)["hyper_parameters"]["net"], nn.Module
+        )
 
 
 class MyDataModule(FederatedDataModule):

@@ -77,5 +77,5 @@ def fix_layers(module: nn.Module, norm: str = "auto") -> list[str]:
         parent = module.get_submodule(parent_name) if parent_name else module
         replacement = norm_replacement(layer, norm) if isinstance(layer, BATCH_NORMS) else fixer(layer)
         setattr(parent, child, replacement)
-        changes.append(f"replaced {name} ({layer}) with {replacement}")
+        changes.append(f"replaced {name} ({type(layer).__name__}) with {replacement}")
     return changes
