@@ -32,5 +32,6 @@ def test_a_thousand_clients_of_sixty_examples_complete_a_round():
     lasting = [pickle.dumps(c.state_dict()) for c in strategy.clients.values()]
     assert max(len(b) for b in lasting) < 12_000
     assert all(
-        set(c.state_dict()) == {"accountant", "noise_multiplier", "sample_rate"} for c in strategy.clients.values()
+        set(c.state_dict()) == {"accountant", "noise_multiplier", "sample_rate", "steps_taken"}
+        for c in strategy.clients.values()
     )

@@ -149,6 +149,7 @@ def test_privacy_none_reports_no_dp_honestly(synthetic):
     report = json.loads((Path(trainer.default_root_dir) / "privacy_report.json").read_text())
     assert report["accountant"] is None and report["guarantee"].startswith("none: privacy.enabled is false")
     assert all(row["epsilon"] is None and row["noise_multiplier"] is None for row in report["clients"].values())
+    assert report["clients"]["small"]["steps"] == 300 // 30  # the steps it trained, without an accountant
 
 
 def test_a_delta_above_one_over_n_is_refused_with_the_fix(synthetic):

@@ -61,7 +61,12 @@ def test_a_checkpoint_resumed_twice_draws_fresh_noise_and_stores_no_random_state
     fit(synthetic, 1, ckpt_dir=tmp_path)
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
     for state in checkpoint["fl_dp_lightning"]["clients"].values():
-        assert set(state) == {"accountant", "noise_multiplier", "sample_rate"}  # no generator state, no seed
+        assert set(state) == {
+            "accountant",
+            "noise_multiplier",
+            "sample_rate",
+            "steps_taken",
+        }  # no generator state, no seed
     forks = [fit(synthetic, 2, ckpt_path=tmp_path / "last.ckpt")[0] for _ in range(2)]
     # the same checkpoint, the same data: only the noise and the sampling can differ, and they must
     diff = max((weights(forks[0])[k] - weights(forks[1])[k]).abs().max().item() for k in weights(forks[0]))

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fl_dp_lightning.config import ConfigError
 from fl_dp_lightning.data import sources
 from fl_dp_lightning.data.sources import PACKAGED_MNIST, load_fashion_mnist, load_mnist, read_idx
 
@@ -44,15 +45,15 @@ def test_read_idx_refuses_a_file_that_is_not_idx(tmp_path):
         read_idx(truncated)
 
 
-def test_mnist_falls_back_loudly_to_the_packaged_subset_when_download_fails(tmp_path, monkeypatch):
+def test_mnist_falls_back_loudly_to_the_packaged_subset_when_download_fails(tmp_path, monkeypatch, caplog):
     import torchvision.datasets
 
     def offline(*args, **kwargs):
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
-    with pytest.warns(UserWarning, match="FALLING BACK"):
-        source = load_mnist(tmp_path, seed=0)
+    source = load_mnist(tmp_path, seed=0)
+    assert [r.getMessage().count("FALLING BACK") for r in caplog.records if "FALLING" in r.getMessage()] == [1]
     assert "packaged MNIST" in source.origin
     x_train, y_train = source.train.tensors
     x_test, _ = source.test.tensors
@@ -64,6 +65,20 @@ def test_mnist_falls_back_loudly_to_the_packaged_subset_when_download_fails(tmp_
     train_rows = {row.tobytes() for row in x_train.flatten(1).numpy()}
     assert not any(row.tobytes() in train_rows for row in x_test.flatten(1).numpy())
     assert len(torch.unique(y_train)) == 10
+
+
+def test_damaged_mnist_files_are_refused_naming_the_folder_instead_of_falling_back(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        (raw / name).write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 20)  # a header, then a cut-off body
+    with pytest.raises(ConfigError, match=f"data.root='{tmp_path}': the MNIST files under .* cannot be read"):
+        load_mnist(tmp_path)
 
 
 @pytest.mark.skipif(not sources.DEBIAN_FASHION_MNIST.exists(), reason="apt package dataset-fashion-mnist absent")

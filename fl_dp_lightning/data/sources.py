@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,8 +117,7 @@ def load_mnist(root: str | Path = "data", seed: int = 0) -> DataSource:
             f"{FALLBACK_TRAIN_SIZE} train / the rest test: numbers are not comparable "
             "with full-MNIST results. Put the MNIST files under data.root to train on the real set."
         )
-        warnings.warn(message, stacklevel=2)
-        log.warning(message)
+        log.warning(message)  # once: to the console and, under train.py, to train.log
     images = read_idx(PACKAGED_MNIST / "t10k-images-idx3-ubyte.gz")
     labels = read_idx(PACKAGED_MNIST / "t10k-labels-idx1-ubyte.gz")
     images, labels, dropped = drop_duplicate_images(images, labels)

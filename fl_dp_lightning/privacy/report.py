@@ -36,14 +36,13 @@ def privacy_report(strategy: Any) -> dict[str, Any]:
     privacy = strategy.privacy
     rows = {}
     for name, client in strategy.clients.items():
-        history = [] if client.accountant is None else client.accountant.history
         rows[name] = {
             "epsilon": strategy.epsilon_of(client),
             "delta": privacy.delta if privacy.enabled else None,
             "noise_multiplier": client.noise_multiplier if privacy.enabled else None,
             "max_grad_norm": privacy.max_grad_norm if privacy.enabled else None,
             "sample_rate": client.sample_rate,
-            "steps": sum(steps for _, _, steps in history),
+            "steps": client.steps_taken,
             "num_examples": client.num_examples,
         }
     released = list(RELEASED) if privacy.enabled else ["everything: no DP (privacy.enabled is false)"]

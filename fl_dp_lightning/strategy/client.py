@@ -57,6 +57,8 @@ class ClientState:
     noise_rng: torch.Generator | None
     seeded: bool = False
     """Whether the random streams come from the public run seed (then checkpoints carry their state)."""
+    steps_taken: int = 0
+    """Optimizer steps this client has made over all rounds (with or without privacy)."""
 
     @property
     def num_examples(self) -> int:
@@ -87,6 +89,7 @@ class ClientState:
             "accountant": None if self.accountant is None else self.accountant.state_dict(),
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
+            "steps_taken": self.steps_taken,
         }
         if self.seeded:  # secret streams never leave the process; a resume draws fresh ones
             state["sampler_rng"] = self.sampler_rng.get_state()
@@ -106,6 +109,7 @@ class ClientState:
             if self.noise_rng is not None:
                 self.noise_rng.set_state(state["noise_rng"])
         self.noise_multiplier = state["noise_multiplier"]
+        self.steps_taken = state["steps_taken"]
 
 
 def make_client(

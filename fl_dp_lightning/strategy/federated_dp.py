@@ -485,6 +485,7 @@ class FederatedRounds:
                 "non-finite weights (the training diverged): lower the learning rate (model.lr) or check the data"
             )
         self._average.add(state, weight=client.num_examples)
+        client.steps_taken += dict(self._local_plan.segments)[client.name]
         steps = self._metric_steps
         metrics = {k: float(v) / steps for k, v in self._metric_sums.items()} if steps else {}
         self.last_round.append(ClientReport(client.name, client.num_examples, self.epsilon_of(client), metrics))
