@@ -200,6 +200,9 @@ class FederatedRounds:
                 "privacy.fix_modules=true (PrivacyConfig(fix_modules=True)) to replace them in place (BatchNorm "
                 "becomes GroupNorm, see privacy.fix_norm), or replace them in your module."
             )
+        # torch warns whenever a first layer's input needs no gradient, which is every batch here: Opacus's hooks
+        # need only the layer's output gradients
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         # Hooks go on the module's own layers; Lightning keeps calling the LightningModule itself.
         self._grad_sample_module = GradSampleModule(
             module, batch_first=True, loss_reduction=self.privacy.loss_reduction, strict=True
