@@ -290,3 +290,16 @@ def test_train_py_shows_every_setting_in_tensorboard_logs_rounds_to_train_log_an
     assert {m.name.tag for m in experiment.metric_infos} == {"final/test_acc", "final/epsilon_max"}
     layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     assert layout.category[0].title == "Privacy" and "privacy/epsilon/.*" in str(layout.category[0])
+
+
+def test_the_privacy_table_in_the_log_summarises_many_clients():
+    from fl_dp_lightning.privacy.report import SHOWN_CLIENTS, format_report
+
+    row = {"delta": 1e-5, "noise_multiplier": 1.2, "max_grad_norm": 1.0, "sample_rate": 0.5, "steps": 2}
+    clients = {f"c{i}": {**row, "epsilon": 1 + i / 1000, "num_examples": 60} for i in range(1000)}
+    report = {"enabled": True, "accountant": "pld", "adjacency": "replace-one", "guarantee": "G", "released": [],
+              "not_covered": [], "clients": clients}  # fmt: skip
+    lines = format_report(report).splitlines()
+    assert len(lines) == 2 + SHOWN_CLIENTS + 2
+    more = 1000 - SHOWN_CLIENTS
+    assert lines[-2] == f"... and {more} more clients; epsilon min 1.0000, max 1.9990 (every client in the JSON report)"

@@ -22,6 +22,9 @@ RELEASED = (
     "validation and test metrics: computed on the shared public set, not on client data",
 )
 
+SHOWN_CLIENTS = 20
+"""Clients listed in the log's table; the JSON report lists every client."""
+
 ALWAYS_NOT_COVERED = (
     "values your own callbacks compute from training_step outputs (on_train_batch_end) and release themselves",
 )
@@ -84,12 +87,17 @@ def format_report(report: Mapping[str, Any]) -> str:
     def cell(value: Any, fmt: str, width: int) -> str:
         return f"{'-':>{width}}" if value is None else format(value, f"{width}{fmt}")
 
-    for name, r in report["clients"].items():
+    rows = list(report["clients"].items())
+    for name, r in rows[:SHOWN_CLIENTS]:
         lines.append(
             f"{name:>12} {cell(r['epsilon'], '.4f', 9)} {cell(r['delta'], '.0e', 8)} "
             f"{cell(r['noise_multiplier'], '.3f', 7)} {cell(r['max_grad_norm'], '.2f', 6)} "
             f"{r['sample_rate']:8.5f} {r['steps']:7d} {r['num_examples']:8d}"
         )
+    if len(rows) > SHOWN_CLIENTS:
+        eps = sorted(r["epsilon"] for _, r in rows if r["epsilon"] is not None)
+        spread = f"; epsilon min {eps[0]:.4f}, max {eps[-1]:.4f}" if eps else ""
+        lines.append(f"... and {len(rows) - SHOWN_CLIENTS} more clients{spread} (every client in the JSON report)")
     lines.append(f"Guarantee: {report['guarantee']}")
     lines += [f"Released: {item}" for item in report["released"]]
     lines += [f"Not covered: {item}" for item in report["not_covered"]]
