@@ -3,7 +3,7 @@
 from lightning.pytorch.strategies import StrategyRegistry
 
 from fl_dp_lightning.callbacks import FederatedLogger, FederatedProgressBar
-from fl_dp_lightning.config import ClientConfig, ConfigError, DataConfig, PrivacyConfig
+from fl_dp_lightning.config import ClientConfig, ConfigError, DataConfig, PrivacyConfig, ServerConfig
 from fl_dp_lightning.data import ClientDatasets, FederatedDataModule
 from fl_dp_lightning.models import LitClassifier, seed_cnn
 from fl_dp_lightning.privacy import epsilon_spent, make_accountant
@@ -25,6 +25,7 @@ __all__ = [
     "FederatedProgressBar",
     "LitClassifier",
     "PrivacyConfig",
+    "ServerConfig",
     "epsilon_spent",
     "make_accountant",
     "seed_cnn",

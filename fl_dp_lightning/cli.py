@@ -123,6 +123,7 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
         raise ConfigError(f"model._target_={conf.model.get('_target_')!r}: must build a LightningModule")
     federated = dict(
         privacy=conf.privacy,
+        server=conf.server,
         local_epochs=conf.trainer.local_epochs,
         client_fraction=conf.client.fraction,
         seed=conf.trainer.seed,

@@ -19,6 +19,7 @@ RDP_CONVERSIONS = ("improved", "classic")
 LOSS_REDUCTIONS = ("mean", "sum")
 ACCELERATORS = ("cpu", "gpu")
 NORM_FIXES = ("auto", "groupnorm", "layernorm", "identity")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
 
 
 class ConfigError(ValueError):
@@ -254,6 +255,36 @@ class PrivacyConfig:
 
 
 @dataclass
+class ServerConfig:
+    """How the server turns the clients' average into the next global model (see :mod:`fl_dp_lightning.server`)."""
+
+    optimizer: str = "fedavg"
+    """``fedavg``, ``fedavgm`` (server momentum), ``fedadagrad``, ``fedadam`` or ``fedyogi`` (Reddi et al. 2021)."""
+    lr: float = 1.0
+    """Server learning rate: the step along the average client delta (1 with ``fedavg`` is plain FedAvg)."""
+    momentum: float = 0.9
+    """``fedavgm``'s momentum, in [0, 1)."""
+    beta1: float = 0.9
+    """First-moment decay of the adaptive optimizers, in [0, 1)."""
+    beta2: float = 0.99
+    """Second-moment decay of ``fedadam`` and ``fedyogi``, in [0, 1)."""
+    tau: float = 1e-3
+    """Adaptivity floor of the adaptive optimizers (added to the root of the second moment), > 0."""
+
+    def __post_init__(self) -> None:
+        require(
+            self.optimizer in SERVER_OPTIMIZERS,
+            "server.optimizer",
+            self.optimizer,
+            f"choose one of {SERVER_OPTIMIZERS}",
+        )
+        require(0 < self.lr < math.inf, "server.lr", self.lr, "must be > 0 and finite")
+        for key in ("momentum", "beta1", "beta2"):
+            require(0 <= getattr(self, key) < 1, f"server.{key}", getattr(self, key), "must be in [0, 1)")
+        require(0 < self.tau < math.inf, "server.tau", self.tau, "must be > 0 and finite")
+
+
+@dataclass
 class HardwareConfig:
     """Where training runs."""
 
@@ -313,6 +344,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     model: Any = field(default_factory=lambda: {"_target_": "fl_dp_lightning.models.LitClassifier"})

@@ -32,13 +32,14 @@ from opacus.optimizers import DPOptimizer
 from torch import Tensor
 from typing_extensions import override
 
-from fl_dp_lightning.aggregation import RunningAverage
+from fl_dp_lightning.aggregation import RunningAverage, averaged_keys
 from fl_dp_lightning.checkpoint import CHECKPOINT_KEY, VerifiedCheckpointIO
-from fl_dp_lightning.config import ConfigError, PrivacyConfig
+from fl_dp_lightning.config import ConfigError, PrivacyConfig, ServerConfig
 from fl_dp_lightning.data.datamodule import ClientDatasets
 from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
 from fl_dp_lightning.privacy.layers import fix_layers, unsupported_layers
 from fl_dp_lightning.privacy.probe import check_sensitivity
+from fl_dp_lightning.server import apply_server_optimizer
 from fl_dp_lightning.strategy.client import ClientReport, ClientState, make_client
 from fl_dp_lightning.strategy.sampling import take_batch
 from fl_dp_lightning.strategy.schedule import RoundPlan, clients_per_round, plan_round
@@ -52,6 +53,7 @@ class FederatedRounds:
         self,
         *,
         privacy: PrivacyConfig | None = None,
+        server: ServerConfig | None = None,
         local_epochs: int = 1,
         client_fraction: float = 1.0,
         seed: int = 0,
@@ -65,6 +67,8 @@ class FederatedRounds:
         if not 0 < client_fraction <= 1:
             raise ConfigError(f"client_fraction={client_fraction}: must be in (0, 1]")
         self.privacy = privacy if privacy is not None else PrivacyConfig()
+        self.server = server if server is not None else ServerConfig()
+        self.server_state: dict[str, Tensor] = {}
         self.local_epochs = local_epochs
         self.client_fraction = client_fraction
         self.seed = seed
@@ -497,7 +501,12 @@ class FederatedRounds:
     def _end_round(self) -> None:
         self.rounds_trained += 1
         self._combine_round()
-        self.lightning_module.load_state_dict(self._average.result(self._global_state))
+        average = self._average.result(self._global_state)
+        keys = averaged_keys(self._global_state, self._average.only)
+        stepped, self.server_state = apply_server_optimizer(
+            self.server, self._global_state, {k: average[k] for k in keys}, self.server_state
+        )
+        self.lightning_module.load_state_dict({**average, **stepped})
         self._plan = None
         self._global_state = {}
 
@@ -531,6 +540,8 @@ class FederatedRounds:
             "seed": self.seed,
             "local_epochs": self.local_epochs,
             "client_fraction": self.client_fraction,
+            "server": asdict(self.server),
+            "server_state": self.server_state,
             "planned_rounds": self.planned_rounds,
             "rounds_trained": self.rounds_trained,
             "clients": {name: c.state_dict() for name, c in self.clients.items()},
@@ -584,9 +595,9 @@ class FederatedRounds:
             if saved_privacy.get(key) != privacy[key]
         ]
         diffs += [
-            f"{key}: checkpoint {state[key]!r}, now {current[key]!r}"
-            for key in ("seed", "local_epochs", "client_fraction")
-            if state[key] != current[key]
+            f"{key}: checkpoint {state.get(key)!r}, now {current[key]!r}"
+            for key in ("seed", "local_epochs", "client_fraction", "server")
+            if state.get(key) != current[key]
         ]
         if diffs:
             raise ConfigError(
@@ -604,6 +615,7 @@ class FederatedRounds:
             client.load_state_dict(saved[name])
         self.planned_rounds = state.get("planned_rounds")
         self.rounds_trained = state.get("rounds_trained", 0)
+        self.server_state = state.get("server_state", {})
         self._restored = None
         self._check_target_kept()
 
@@ -666,6 +678,7 @@ class FederatedDPStrategy(SingleDeviceRounds, SingleDeviceStrategy):
 
     Args:
         privacy: DP-SGD settings; ``PrivacyConfig(enabled=False)`` trains plain federated averaging.
+        server: the server optimizer applied to the clients' average (``ServerConfig()``: plain FedAvg).
         local_epochs: passes each client makes over its own data per round.
         client_fraction: fraction of clients sampled to train in each round, in (0, 1].
         seed: seed of the client sampling per round (and of batch sampling and noise only under
