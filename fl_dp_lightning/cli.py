@@ -126,6 +126,7 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
         server=conf.server,
         local_epochs=conf.trainer.local_epochs,
         client_fraction=conf.client.fraction,
+        proximal_mu=conf.client.proximal_mu,
         seed=conf.trainer.seed,
     )
     multi = conf.hardware.devices * conf.hardware.num_nodes > 1

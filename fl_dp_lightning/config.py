@@ -19,6 +19,9 @@ RDP_CONVERSIONS = ("improved", "classic")
 LOSS_REDUCTIONS = ("mean", "sum")
 ACCELERATORS = ("cpu", "gpu")
 NORM_FIXES = ("auto", "groupnorm", "layernorm", "identity")
+MIN_NOISE_MULTIPLIER = 0.1
+"""Smallest noise multiplier accepted under DP: below it epsilon runs into the hundreds and the PLD accountant's
+grid grows past what it can compute."""
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
 
 
@@ -86,6 +89,9 @@ class ClientConfig:
     """Concentration of the ``dirichlet`` partition (smaller is more skewed); unitless, > 0."""
     fraction: float = 1.0
     """Fraction of clients sampled to train in each round, in (0, 1]."""
+    proximal_mu: float = 0.0
+    """FedProx's mu (Li et al. 2020): each client's objective adds ``mu / 2 * ||w - w_global||^2``; 0 is FedAvg.
+    Unitless, >= 0. Under DP its gradient joins the noised update, costing no privacy."""
 
     def __post_init__(self) -> None:
         require(self.count >= 1, "client.count", self.count, "need at least one client")
@@ -97,6 +103,7 @@ class ClientConfig:
             "must be > 0 and finite",
         )
         require(0 < self.fraction <= 1, "client.fraction", self.fraction, "must be in (0, 1]")
+        require(0 <= self.proximal_mu < math.inf, "client.proximal_mu", self.proximal_mu, "must be >= 0 and finite")
         require(
             all(isinstance(n, str) and n.strip() and n == n.strip() for n in self.names),
             "client.names",
@@ -211,6 +218,13 @@ class PrivacyConfig:
             "privacy.noise_multiplier",
             self.noise_multiplier,
             "must be > 0 and finite: without noise there is no privacy (use privacy=none to train without DP)",
+        )
+        require(
+            self.noise_multiplier >= MIN_NOISE_MULTIPLIER or self.target_epsilon is not None,
+            "privacy.noise_multiplier",
+            self.noise_multiplier,
+            f"below {MIN_NOISE_MULTIPLIER} epsilon runs into the hundreds (DP protects nothing) and cannot be "
+            "accounted; raise it, or use privacy=none to train without DP",
         )
         for key in ("target_epsilon", "max_epsilon"):
             require(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-from fl_dp_lightning.config import ConfigError
+from fl_dp_lightning.config import MIN_NOISE_MULTIPLIER, ConfigError
 from fl_dp_lightning.privacy.accountants import epsilon_spent, make_accountant
 
 MAX_NOISE_MULTIPLIER = 1e4
@@ -48,7 +48,12 @@ def calibrate_noise_multiplier(
             sigma, sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant, conversion=conversion
         )
 
-    low, high = 0.0, 1.0
+    if eps(MIN_NOISE_MULTIPLIER) <= target_epsilon:
+        raise ConfigError(
+            f"privacy.target_epsilon={target_epsilon} needs a noise multiplier below {MIN_NOISE_MULTIPLIER}, where DP "
+            "protects nothing; lower the target (single digits are usual)"
+        )
+    low, high = MIN_NOISE_MULTIPLIER, 1.0
     while eps(high) > target_epsilon:
         low, high = high, 2 * high
         if high > MAX_NOISE_MULTIPLIER:
@@ -57,6 +62,7 @@ def calibrate_noise_multiplier(
                 f"{sample_rate:.4g} over {steps} steps: raise the target, train fewer rounds or use larger clients"
             )
     # invariant: eps(low) > target >= eps(high); bisect until eps(high) is within tolerance under the target
+    # (the target is above eps(1) only when high = 1, which the check above keeps above the floor)
     while eps(high) < (1 - tolerance) * target_epsilon and high - low > 1e-9:
         mid = (low + high) / 2
         if eps(mid) > target_epsilon:

@@ -178,7 +178,8 @@ def _check_sum(samples: dict[str, Tensor | None], grads: dict[str, Tensor | None
                 f"the gradient of {name} differs from the sum of its per-example gradients: the loss has a term "
                 "that depends on the parameters alone (a regularizer such as weight decay or a proximal term), "
                 "which DP-SGD's per-example gradients never see. Fix: move it into the optimizer "
-                "(e.g. torch.optim.SGD(..., weight_decay=...)) instead of the loss"
+                "(e.g. torch.optim.SGD(..., weight_decay=...)); for FedProx's term set client.proximal_mu "
+                "(FederatedDPStrategy(proximal_mu=...))"
             )
 
 

@@ -15,6 +15,7 @@ per-example gradients), per-example gradients are cleared after every step, and 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -56,6 +57,7 @@ class FederatedRounds(ResumableRounds):
         server: ServerConfig | None = None,
         local_epochs: int = 1,
         client_fraction: float = 1.0,
+        proximal_mu: float = 0.0,
         seed: int = 0,
         log_rounds: bool = True,
         **kwargs: Any,
@@ -66,11 +68,14 @@ class FederatedRounds(ResumableRounds):
             raise ConfigError(f"local_epochs={local_epochs}: must be >= 1")
         if not 0 < client_fraction <= 1:
             raise ConfigError(f"client_fraction={client_fraction}: must be in (0, 1]")
+        if not 0 <= proximal_mu < math.inf:
+            raise ConfigError(f"proximal_mu={proximal_mu}: must be >= 0 and finite")
         self.privacy = privacy if privacy is not None else PrivacyConfig()
         self.server = server if server is not None else ServerConfig()
         self.server_state: dict[str, Tensor] = {}
         self.local_epochs = local_epochs
         self.client_fraction = client_fraction
+        self.proximal_mu = proximal_mu
         self.seed = seed
         self.log_rounds = log_rounds
         self.clients: dict[str, ClientState] = {}
@@ -430,7 +435,13 @@ class FederatedRounds(ResumableRounds):
             self._dp_optimizer.noise_multiplier = client.noise_multiplier
             self._dp_optimizer.expected_batch_size = client.batch_size
             self._dp_optimizer.generator = client.noise_rng
-            self._dp_optimizer.attach_step_hook(client.accountant.get_optimizer_hook_fn(sample_rate=client.sample_rate))
+            account = client.accountant.get_optimizer_hook_fn(sample_rate=client.sample_rate)
+
+            def after_noise(optimizer: DPOptimizer) -> None:  # after clipping and noise, before the update
+                account(optimizer)
+                self._add_proximal_gradient()
+
+            self._dp_optimizer.attach_step_hook(after_noise)
         self._client = client
         self._metric_sums = {}
         self._metric_steps = 0
@@ -473,6 +484,8 @@ class FederatedRounds(ResumableRounds):
         if self._padding:
             output = closure()  # keeps Lightning's loop in step with the other processes; no update, no noise
         else:
+            if self._dp_optimizer is None and self.proximal_mu:
+                closure = _followed_by(closure, self._add_proximal_gradient)  # under DP: in the step hook
             output = super().optimizer_step(optimizer, closure, model, **kwargs)
         if self._dp_optimizer is not None:
             self._dp_optimizer.zero_grad(set_to_none=True)  # per-example gradients reach neither memory nor checkpoints
@@ -481,6 +494,16 @@ class FederatedRounds(ResumableRounds):
         if self._batch_idx == self._round_total - 1:
             self._end_round()
         return output
+
+    def _add_proximal_gradient(self) -> None:
+        """FedProx: adds ``mu * (w - w_global)``, the gradient of ``mu / 2 * ||w - w_global||^2``, to each
+        parameter's gradient. Under DP it is added after clipping and noise: it depends on the parameters alone
+        (which per-example gradients never see), so it costs no privacy."""
+        if not self.proximal_mu:
+            return
+        for name, param in self.lightning_module.named_parameters():
+            if param.grad is not None:
+                param.grad.add_(param.detach() - self._global_state[name], alpha=self.proximal_mu)
 
     def _end_client(self) -> None:
         client = self._client
@@ -548,6 +571,17 @@ def _no_log(*args: Any, **kwargs: Any) -> None:
     pass
 
 
+def _followed_by(closure: Any, after: Any) -> Any:
+    """``closure``, then ``after()``; returns the closure's result."""
+
+    def run() -> Any:
+        result = closure()
+        after()
+        return result
+
+    return run
+
+
 class SingleDeviceRounds(FederatedRounds):
     """The rounds on one device: the accelerator's first, unless ``device`` is given. Placed before a Lightning
     ``SingleDeviceStrategy`` of either namespace (``lightning.pytorch`` or ``pytorch_lightning``)."""
@@ -576,6 +610,7 @@ class FederatedDPStrategy(SingleDeviceRounds, SingleDeviceStrategy):
         server: the server optimizer applied to the clients' average (``ServerConfig()``: plain FedAvg).
         local_epochs: passes each client makes over its own data per round.
         client_fraction: fraction of clients sampled to train in each round, in (0, 1].
+        proximal_mu: FedProx's mu: each client's objective adds ``mu / 2 * ||w - w_global||^2`` (0: FedAvg).
         seed: seed of the client sampling per round (and of batch sampling and noise only under
             ``privacy.unsafe_seeded_randomness``).
         device: the device to train on; by default the accelerator's first device.
