@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 DATA_SOURCES = ("mnist", "fashion_mnist", "synthetic")
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
 ACCOUNTANTS = ("pld", "rdp", "gdp")
 RDP_CONVERSIONS = ("improved", "classic")
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -84,9 +84,14 @@ class ClientConfig:
     names: list[str] = field(default_factory=lambda: ["alice", "bob"])
     """Names of the first clients; clients past the list are called ``client_<index>``."""
     partition: str = "iid"
-    """How the training set is split: ``iid`` (equal random shares) or ``dirichlet`` (label skew)."""
+    """How the training set is split: ``iid`` (equal random shares), ``dirichlet`` (label skew), ``shards``
+    (McMahan et al.'s label shards: few classes per client) or ``quantity`` (IID labels, log-normal sizes)."""
     dirichlet_alpha: float = 0.5
     """Concentration of the ``dirichlet`` partition (smaller is more skewed); unitless, > 0."""
+    shards_per_client: int = 2
+    """Label shards each client gets under ``shards``, >= 1."""
+    quantity_sigma: float = 1.0
+    """Log-normal sigma of the client sizes under ``quantity`` (0: equal sizes); unitless, >= 0."""
     fraction: float = 1.0
     """Fraction of clients sampled to train in each round, in (0, 1]."""
     proximal_mu: float = 0.0
@@ -103,6 +108,10 @@ class ClientConfig:
             "must be > 0 and finite",
         )
         require(0 < self.fraction <= 1, "client.fraction", self.fraction, "must be in (0, 1]")
+        require(self.shards_per_client >= 1, "client.shards_per_client", self.shards_per_client, "must be >= 1")
+        require(
+            0 <= self.quantity_sigma < math.inf, "client.quantity_sigma", self.quantity_sigma, "must be >= 0 and finite"
+        )
         require(0 <= self.proximal_mu < math.inf, "client.proximal_mu", self.proximal_mu, "must be >= 0 and finite")
         require(
             all(isinstance(n, str) and n.strip() and n == n.strip() for n in self.names),

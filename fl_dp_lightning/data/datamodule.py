@@ -11,7 +11,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler, Subset, TensorDataset
 
 from fl_dp_lightning.config import ClientConfig, ConfigError, DataConfig
-from fl_dp_lightning.data.partition import dirichlet_partition, iid_partition
+from fl_dp_lightning.data.partition import (
+    dirichlet_partition,
+    iid_partition,
+    quantity_skew_partition,
+    shard_partition,
+)
 from fl_dp_lightning.data.sources import DataSource, load_fashion_mnist, load_mnist, load_synthetic
 
 
@@ -69,8 +74,11 @@ class FederatedDataModule(pl.LightningDataModule):
     Args:
         source: ``mnist``, ``fashion_mnist`` or ``synthetic``; ignored when ``train`` is given.
         clients: client names, or a count (names ``client_0`` ...).
-        partition: ``iid`` or ``dirichlet`` (label skew with ``dirichlet_alpha``).
+        partition: ``iid``, ``dirichlet`` (label skew with ``dirichlet_alpha``), ``shards`` (``shards_per_client``
+            label shards each) or ``quantity`` (log-normal sizes with ``quantity_sigma``).
         dirichlet_alpha: Dirichlet concentration, > 0.
+        shards_per_client: label shards per client under ``shards``.
+        quantity_sigma: log-normal sigma of the client sizes under ``quantity``.
         batch_size: expected examples per client batch.
         eval_batch_size: examples per validation/test batch.
         root: directory for downloads.
@@ -88,6 +96,8 @@ class FederatedDataModule(pl.LightningDataModule):
         clients: int | Sequence[str] = ("alice", "bob"),
         partition: str = "iid",
         dirichlet_alpha: float = 0.5,
+        shards_per_client: int = 2,
+        quantity_sigma: float = 1.0,
         batch_size: int = 128,
         eval_batch_size: int = 1024,
         root: str = "data",
@@ -102,11 +112,19 @@ class FederatedDataModule(pl.LightningDataModule):
         names = list(train) if isinstance(train, Mapping) else self._names(clients)
         # validated by the same typed configs that train.py uses
         DataConfig(name=source, root=root, eval_batch_size=eval_batch_size)
-        ClientConfig(count=len(names), names=names, partition=partition, dirichlet_alpha=dirichlet_alpha)
+        ClientConfig(
+            count=len(names),
+            names=names,
+            partition=partition,
+            dirichlet_alpha=dirichlet_alpha,
+            shards_per_client=shards_per_client,
+            quantity_sigma=quantity_sigma,
+        )
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}: must be >= 1")
         # settings live in attributes, not in hparams: LightningCLI and subclasses replace hparams
         self.source, self.partition, self.dirichlet_alpha = source, partition, dirichlet_alpha
+        self.shards_per_client, self.quantity_sigma = shards_per_client, quantity_sigma
         self.batch_size, self.eval_batch_size, self.root = batch_size, eval_batch_size, root
         self.seed, self.synthetic_sizes = seed, tuple(synthetic_sizes)
         self.save_hyperparameters(ignore=["train", "test", "clients"])  # for the loggers
@@ -133,6 +151,8 @@ class FederatedDataModule(pl.LightningDataModule):
             clients=client.client_names(),
             partition=client.partition,
             dirichlet_alpha=client.dirichlet_alpha,
+            shards_per_client=client.shards_per_client,
+            quantity_sigma=client.quantity_sigma,
             batch_size=batch_size,
             eval_batch_size=data.eval_batch_size,
             root=data.root,
@@ -188,10 +208,14 @@ class FederatedDataModule(pl.LightningDataModule):
         n = len(self.client_names)
         if self.partition == "iid":
             return iid_partition(len(train), n, self.seed)
+        if self.partition == "quantity":
+            return quantity_skew_partition(len(train), n, self.quantity_sigma, self.seed)
         if isinstance(train, TensorDataset):
             labels = train.tensors[1]
         else:
             labels = torch.as_tensor([int(train[i][1]) for i in range(len(train))])
+        if self.partition == "shards":
+            return shard_partition(labels, n, self.shards_per_client, self.seed)
         return dirichlet_partition(labels, n, self.dirichlet_alpha, self.seed)
 
     def train_dataloader(self) -> ClientDatasets:
