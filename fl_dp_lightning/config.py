@@ -14,6 +14,7 @@ from typing import Any
 
 DATA_SOURCES = ("mnist", "fashion_mnist", "synthetic")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
+CLIENT_SAMPLINGS = ("uniform", "poisson")
 ACCOUNTANTS = ("pld", "rdp", "gdp")
 RDP_CONVERSIONS = ("improved", "classic")
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -93,7 +94,13 @@ class ClientConfig:
     quantity_sigma: float = 1.0
     """Log-normal sigma of the client sizes under ``quantity`` (0: equal sizes); unitless, >= 0."""
     fraction: float = 1.0
-    """Fraction of clients sampled to train in each round, in (0, 1]."""
+    """Fraction of clients sampled to train in each round, in (0, 1]; under ``sampling=poisson`` each client's
+    probability of taking part."""
+    per_round: int | None = None
+    """Clients per round, a count (replaces ``fraction`` for ``uniform`` sampling); ``null``: use ``fraction``."""
+    sampling: str = "uniform"
+    """``uniform`` (a fixed number per round, without replacement) or ``poisson`` (each client independently,
+    so a round can have no client: it is skipped and logged)."""
     proximal_mu: float = 0.0
     """FedProx's mu (Li et al. 2020): each client's objective adds ``mu / 2 * ||w - w_global||^2``; 0 is FedAvg.
     Unitless, >= 0. Under DP its gradient joins the noised update, costing no privacy."""
@@ -108,6 +115,15 @@ class ClientConfig:
             "must be > 0 and finite",
         )
         require(0 < self.fraction <= 1, "client.fraction", self.fraction, "must be in (0, 1]")
+        require(
+            self.sampling in CLIENT_SAMPLINGS, "client.sampling", self.sampling, f"choose one of {CLIENT_SAMPLINGS}"
+        )
+        require(
+            self.per_round is None or (1 <= self.per_round <= self.count and self.sampling == "uniform"),
+            "client.per_round",
+            self.per_round,
+            f"must be in [1, client.count={self.count}] with client.sampling=uniform (or null)",
+        )
         require(self.shards_per_client >= 1, "client.shards_per_client", self.shards_per_client, "must be >= 1")
         require(
             0 <= self.quantity_sigma < math.inf, "client.quantity_sigma", self.quantity_sigma, "must be >= 0 and finite"
@@ -127,6 +143,10 @@ class ClientConfig:
         )
         names = self.client_names()
         require(len(set(names)) == len(names), "client.names", self.names, "client names must be unique")
+
+    def round_fraction(self) -> float:
+        """The fraction the strategy samples with: ``per_round / count`` when a count is given."""
+        return self.fraction if self.per_round is None else self.per_round / self.count
 
     def client_names(self) -> list[str]:
         """The ``count`` client names: ``names`` first, then ``client_<index>``."""

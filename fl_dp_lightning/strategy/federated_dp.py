@@ -34,7 +34,7 @@ from typing_extensions import override
 
 from fl_dp_lightning.aggregation import RunningAverage, averaged_keys
 from fl_dp_lightning.checkpoint import VerifiedCheckpointIO
-from fl_dp_lightning.config import ConfigError, PrivacyConfig, ServerConfig
+from fl_dp_lightning.config import CLIENT_SAMPLINGS, ConfigError, PrivacyConfig, ServerConfig
 from fl_dp_lightning.data.datamodule import ClientDatasets
 from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
 from fl_dp_lightning.privacy.layers import fix_layers, unsupported_layers
@@ -57,6 +57,7 @@ class FederatedRounds(ResumableRounds):
         server: ServerConfig | None = None,
         local_epochs: int = 1,
         client_fraction: float = 1.0,
+        client_sampling: str = "uniform",
         proximal_mu: float = 0.0,
         seed: int = 0,
         log_rounds: bool = True,
@@ -68,6 +69,8 @@ class FederatedRounds(ResumableRounds):
             raise ConfigError(f"local_epochs={local_epochs}: must be >= 1")
         if not 0 < client_fraction <= 1:
             raise ConfigError(f"client_fraction={client_fraction}: must be in (0, 1]")
+        if client_sampling not in CLIENT_SAMPLINGS:
+            raise ConfigError(f"client_sampling={client_sampling!r}: choose one of {CLIENT_SAMPLINGS}")
         if not 0 <= proximal_mu < math.inf:
             raise ConfigError(f"proximal_mu={proximal_mu}: must be >= 0 and finite")
         self.privacy = privacy if privacy is not None else PrivacyConfig()
@@ -75,6 +78,7 @@ class FederatedRounds(ResumableRounds):
         self.server_state: dict[str, Tensor] = {}
         self.local_epochs = local_epochs
         self.client_fraction = client_fraction
+        self.client_sampling = client_sampling
         self.proximal_mu = proximal_mu
         self.seed = seed
         self.log_rounds = log_rounds
@@ -344,7 +348,7 @@ class FederatedRounds(ResumableRounds):
 
     def _full_plan(self, round_idx: int) -> RoundPlan:
         steps = {name: c.steps_per_round for name, c in self.clients.items()}
-        return plan_round(steps, self.client_fraction, round_idx, self.seed)
+        return plan_round(steps, self.client_fraction, round_idx, self.seed, poisson=self.client_sampling == "poisson")
 
     def round_length(self) -> int | None:
         """Batches in every round, or ``None`` when it varies with the sampled clients."""
@@ -352,6 +356,8 @@ class FederatedRounds(ResumableRounds):
         every_client = clients_per_round(len(self.clients), self.client_fraction) == len(self.clients)
         if self.privacy.enabled and self.privacy.max_epsilon is not None:
             return None  # clients over budget sit out
+        if self.client_sampling == "poisson":
+            return None  # a random number of clients each round
         if every_client or len(steps) == 1:
             return self._rank_round_length(self._full_plan(0))
         return None
@@ -370,10 +376,14 @@ class FederatedRounds(ResumableRounds):
 
     def _start_round(self) -> RoundPlan:
         trainer = self.lightning_module.trainer
-        self._plan = self._within_budget(self._full_plan(trainer.current_epoch))
+        sampled = self._full_plan(trainer.current_epoch)
+        self._plan = self._within_budget(sampled)
         self._local_plan = self._rank_plan(self._plan)
         self._round_total = self._rank_round_length(self._plan)
         self.last_round = []
+        if not sampled.segments:
+            rank_zero_info(f"round {trainer.current_epoch + 1}: no client was sampled; the global model stays as it is")
+            return self._plan
         if not self._plan.segments:
             rank_zero_info(f"round {trainer.current_epoch + 1}: no client can train within the budget; stopping")
             trainer.should_stop = True
@@ -609,7 +619,9 @@ class FederatedDPStrategy(SingleDeviceRounds, SingleDeviceStrategy):
         privacy: DP-SGD settings; ``PrivacyConfig(enabled=False)`` trains plain federated averaging.
         server: the server optimizer applied to the clients' average (``ServerConfig()``: plain FedAvg).
         local_epochs: passes each client makes over its own data per round.
-        client_fraction: fraction of clients sampled to train in each round, in (0, 1].
+        client_fraction: fraction of clients sampled to train in each round, in (0, 1] (under Poisson client
+            sampling, each client's probability of taking part).
+        client_sampling: ``uniform`` (a fixed number of clients per round) or ``poisson`` (each independently).
         proximal_mu: FedProx's mu: each client's objective adds ``mu / 2 * ||w - w_global||^2`` (0: FedAvg).
         seed: seed of the client sampling per round (and of batch sampling and noise only under
             ``privacy.unsafe_seeded_randomness``).

@@ -29,6 +29,7 @@ class ResumableRounds:
             "seed": self.seed,
             "local_epochs": self.local_epochs,
             "client_fraction": self.client_fraction,
+            "client_sampling": self.client_sampling,
             "proximal_mu": self.proximal_mu,
             "server": asdict(self.server),
             "server_state": self.server_state,
@@ -86,7 +87,7 @@ class ResumableRounds:
         ]
         diffs += [
             f"{key}: checkpoint {state.get(key)!r}, now {current[key]!r}"
-            for key in ("seed", "local_epochs", "client_fraction", "proximal_mu", "server")
+            for key in ("seed", "local_epochs", "client_fraction", "client_sampling", "proximal_mu", "server")
             if state.get(key) != current[key]
         ]
         if diffs:

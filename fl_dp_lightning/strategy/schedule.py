@@ -49,21 +49,27 @@ def clients_per_round(num_clients: int, fraction: float) -> int:
     return max(1, round(fraction * num_clients))
 
 
-def plan_round(steps: Mapping[str, int], fraction: float, round_idx: int, seed: int) -> RoundPlan:
-    """Samples the round's clients (uniformly without replacement, seeded by ``seed`` and ``round_idx``).
+def plan_round(
+    steps: Mapping[str, int], fraction: float, round_idx: int, seed: int, *, poisson: bool = False
+) -> RoundPlan:
+    """Samples the round's clients, seeded by ``seed`` and ``round_idx``.
 
     Args:
         steps: optimizer steps each client makes in a round, in client order.
-        fraction: fraction of clients that take part, in (0, 1].
+        fraction: ``uniform``: the fraction of clients that take part (``round(fraction * n)``, at least one,
+            without replacement); ``poisson``: each client's probability of taking part, independently of the
+            others (a round can then have no client).
         round_idx: the round (0-based); the same round always samples the same clients.
-        seed: the run's seed.
+        seed: the run's seed (client sampling is public: it does not depend on any client's data).
+        poisson: Poisson client sampling instead of a fixed number per round.
     """
     names = list(steps)
-    m = clients_per_round(len(names), fraction)
-    if m == len(names):
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + round_idx)
+    if poisson:
+        chosen = [name for name, draw in zip(names, torch.rand(len(names), generator=gen).tolist()) if draw < fraction]
+    elif clients_per_round(len(names), fraction) == len(names):
         chosen = names
     else:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + round_idx)
-        picked = sorted(torch.randperm(len(names), generator=gen)[:m].tolist())
+        picked = sorted(torch.randperm(len(names), generator=gen)[: clients_per_round(len(names), fraction)].tolist())
         chosen = [names[i] for i in picked]
     return RoundPlan(round_idx, tuple((name, steps[name]) for name in chosen))
