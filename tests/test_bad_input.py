@@ -31,7 +31,7 @@ COMPOSE = [
     (["client.names=[a,a]"], r"client.names=\['a', 'a'\]: client names must be unique"),
     (["client.names=[a,b,c]"], "3 names for client.count=2"),
     (["client.names=[alice,'']"], r"client.names=\['alice', ''\]: every name must be a non-empty string"),
-    (["client.partition=shards"], "client.partition='shards'"),
+    (["client.partition=pathological"], "client.partition='pathological'"),
     (["client.dirichlet_alpha=0"], "client.dirichlet_alpha=0"),
     (["client.dirichlet_alpha=-1"], "client.dirichlet_alpha=-1"),
     (["client.dirichlet_alpha=inf"], "client.dirichlet_alpha=inf"),
