@@ -113,7 +113,9 @@ class FederatedLogger(Callback):
                 pl_module, "privacy/epsilon_max", metrics["privacy/epsilon_max"], prog_bar=True, logger=False
             )
         for report in strategy.last_round:
-            shown = "".join(f"  {k} {v:.4f}" for k, v in report.metrics.items())
+            shown = "".join(f"  {k} {v:.4f}" for k, v in report.metrics.items()) + (
+                "  DROPPED" if report.dropped else ""
+            )
             rank_zero_info(
                 f"[{report.client}] round {trainer.current_epoch + 1}/{trainer.max_epochs}{shown}  "
                 f"{epsilon_text(strategy, report.epsilon)}"

@@ -128,6 +128,8 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
         client_fraction=conf.client.round_fraction(),
         client_sampling=conf.client.sampling,
         proximal_mu=conf.client.proximal_mu,
+        on_client_failure=conf.client.on_failure,
+        client_time_limit=conf.client.time_limit_s,
         seed=conf.trainer.seed,
     )
     multi = conf.hardware.devices * conf.hardware.num_nodes > 1

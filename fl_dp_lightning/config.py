@@ -15,6 +15,7 @@ from typing import Any
 DATA_SOURCES = ("mnist", "fashion_mnist", "synthetic")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
 CLIENT_SAMPLINGS = ("uniform", "poisson")
+CLIENT_FAILURES = ("drop", "raise")
 ACCOUNTANTS = ("pld", "rdp", "gdp")
 RDP_CONVERSIONS = ("improved", "classic")
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -101,6 +102,11 @@ class ClientConfig:
     sampling: str = "uniform"
     """``uniform`` (a fixed number per round, without replacement) or ``poisson`` (each client independently,
     so a round can have no client: it is skipped and logged)."""
+    on_failure: str = "drop"
+    """A client that raises during its round, or runs past ``time_limit_s``: ``drop`` it from that round (the
+    others are averaged, its privacy spent stays counted, the event is logged and reported) or ``raise``."""
+    time_limit_s: float | None = None
+    """Seconds a client's round may take (checked between its steps); ``null``: no limit."""
     proximal_mu: float = 0.0
     """FedProx's mu (Li et al. 2020): each client's objective adds ``mu / 2 * ||w - w_global||^2``; 0 is FedAvg.
     Unitless, >= 0. Under DP its gradient joins the noised update, costing no privacy."""
@@ -115,6 +121,13 @@ class ClientConfig:
             "must be > 0 and finite",
         )
         require(0 < self.fraction <= 1, "client.fraction", self.fraction, "must be in (0, 1]")
+        require(self.on_failure in CLIENT_FAILURES, "client.on_failure", self.on_failure, f"one of {CLIENT_FAILURES}")
+        require(
+            self.time_limit_s is None or 0 < self.time_limit_s < math.inf,
+            "client.time_limit_s",
+            self.time_limit_s,
+            "must be > 0 seconds and finite (or null)",
+        )
         require(
             self.sampling in CLIENT_SAMPLINGS, "client.sampling", self.sampling, f"choose one of {CLIENT_SAMPLINGS}"
         )

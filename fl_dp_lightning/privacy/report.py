@@ -61,6 +61,7 @@ def privacy_report(strategy: Any) -> dict[str, Any]:
         "guarantee": guarantee_sentence(strategy),
         "released": released,
         "not_covered": [*privacy.weakened_by(), *ALWAYS_NOT_COVERED] if privacy.enabled else [],
+        "faults": strategy.faults,
         "clients": rows,
     }
 

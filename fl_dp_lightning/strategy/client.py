@@ -38,6 +38,8 @@ class ClientReport:
     num_examples: int
     epsilon: float | None
     metrics: dict[str, float] = field(default_factory=dict)
+    dropped: bool = False
+    """Whether the client failed in this round (its update was left out of the average)."""
 
 
 @dataclass

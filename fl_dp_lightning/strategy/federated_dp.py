@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -34,7 +35,7 @@ from typing_extensions import override
 
 from fl_dp_lightning.aggregation import RunningAverage, averaged_keys
 from fl_dp_lightning.checkpoint import VerifiedCheckpointIO
-from fl_dp_lightning.config import CLIENT_SAMPLINGS, ConfigError, PrivacyConfig, ServerConfig
+from fl_dp_lightning.config import CLIENT_FAILURES, CLIENT_SAMPLINGS, ConfigError, PrivacyConfig, ServerConfig
 from fl_dp_lightning.data.datamodule import ClientDatasets
 from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
 from fl_dp_lightning.privacy.layers import fix_layers, unsupported_layers
@@ -59,6 +60,8 @@ class FederatedRounds(ResumableRounds):
         client_fraction: float = 1.0,
         client_sampling: str = "uniform",
         proximal_mu: float = 0.0,
+        on_client_failure: str = "drop",
+        client_time_limit: float | None = None,
         seed: int = 0,
         log_rounds: bool = True,
         **kwargs: Any,
@@ -71,6 +74,10 @@ class FederatedRounds(ResumableRounds):
             raise ConfigError(f"client_fraction={client_fraction}: must be in (0, 1]")
         if client_sampling not in CLIENT_SAMPLINGS:
             raise ConfigError(f"client_sampling={client_sampling!r}: choose one of {CLIENT_SAMPLINGS}")
+        if on_client_failure not in CLIENT_FAILURES:
+            raise ConfigError(f"on_client_failure={on_client_failure!r}: choose one of {CLIENT_FAILURES}")
+        if client_time_limit is not None and not 0 < client_time_limit < math.inf:
+            raise ConfigError(f"client_time_limit={client_time_limit}: must be > 0 seconds (or None)")
         if not 0 <= proximal_mu < math.inf:
             raise ConfigError(f"proximal_mu={proximal_mu}: must be >= 0 and finite")
         self.privacy = privacy if privacy is not None else PrivacyConfig()
@@ -80,6 +87,11 @@ class FederatedRounds(ResumableRounds):
         self.client_fraction = client_fraction
         self.client_sampling = client_sampling
         self.proximal_mu = proximal_mu
+        self.on_client_failure = on_client_failure
+        self.client_time_limit = client_time_limit
+        self.faults: list[dict[str, Any]] = []
+        self._client_failed = False
+        self._client_started = 0.0
         self.seed = seed
         self.log_rounds = log_rounds
         self.clients: dict[str, ClientState] = {}
@@ -420,7 +432,13 @@ class FederatedRounds(ResumableRounds):
         name = self._local_plan.starts.get(batch_idx)
         if name is not None:
             self._begin_client(self.clients[name])
-        self._empty_batch = extract_batch_size(batch) == 0
+        elif self._client is not None and not self._client_failed and self.client_time_limit is not None:
+            elapsed = time.monotonic() - self._client_started
+            if elapsed > self.client_time_limit:
+                self._fail_client(f"it ran past the time limit of {self.client_time_limit:g} s ({elapsed:.1f} s)")
+        # a dropped client's remaining batches are skipped: no update, no noise, no accounting
+        self._padding = self._padding or self._client_failed
+        self._empty_batch = extract_batch_size(batch) == 0 or self._client_failed
 
     def _schedule_state(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The optimizer's hyperparameters (learning rate, momentum...) and every LR scheduler's state."""
@@ -453,6 +471,8 @@ class FederatedRounds(ResumableRounds):
 
             self._dp_optimizer.attach_step_hook(after_noise)
         self._client = client
+        self._client_failed = False
+        self._client_started = time.monotonic()
         self._metric_sums = {}
         self._metric_steps = 0
 
@@ -462,7 +482,17 @@ class FederatedRounds(ResumableRounds):
             # Poisson sampling drew no record: the DP step must still add noise and be accounted,
             # but the user's step would average an empty loss into NaN.
             return torch.zeros((), device=self.root_device, requires_grad=True)
-        output = super().training_step(*args, **kwargs)
+        try:
+            output = super().training_step(*args, **kwargs)
+        except ConfigError:
+            raise
+        except Exception as err:  # a client's failure: its round is dropped, or the run fails, by option
+            if self.on_client_failure == "raise" or self._client is None:
+                raise
+            self._fail_client(f"{type(err).__name__}: {err}")
+            # this step becomes an empty DP step: noise added and accounted (conservative), the weights discarded
+            self._empty_batch = True
+            return torch.zeros((), device=self.root_device, requires_grad=True)
         if not self.privacy.enabled or self.privacy.unsafe_release_training_metrics:
             self._record_metrics(output)
         return output
@@ -499,6 +529,8 @@ class FederatedRounds(ResumableRounds):
             output = super().optimizer_step(optimizer, closure, model, **kwargs)
         if self._dp_optimizer is not None:
             self._dp_optimizer.zero_grad(set_to_none=True)  # per-example gradients reach neither memory nor checkpoints
+        if not self._padding and self._client is not None:
+            self._client.steps_taken += 1
         if self._batch_idx in self._local_plan.ends:
             self._end_client()
         if self._batch_idx == self._round_total - 1:
@@ -515,8 +547,24 @@ class FederatedRounds(ResumableRounds):
             if param.grad is not None:
                 param.grad.add_(param.detach() - self._global_state[name], alpha=self.proximal_mu)
 
+    def _fail_client(self, reason: str) -> None:
+        """Drops the current client from this round; the privacy it spent so far stays counted."""
+        self._client_failed = True
+        round_no = self.lightning_module.trainer.current_epoch + 1
+        self.faults.append({"round": round_no, "client": self._client.name, "reason": reason})
+        rank_zero_info(
+            f"round {round_no}: client {self._client.name!r} is dropped from this round ({reason}); the round "
+            "averages the others, and the privacy it spent so far stays counted"
+        )
+
     def _end_client(self) -> None:
         client = self._client
+        if self._client_failed:
+            self.last_round.append(
+                ClientReport(client.name, client.num_examples, self.epsilon_of(client), dropped=True)
+            )
+            self._client = None
+            return
         state = self.lightning_module.state_dict()
         # the client's released (noised) weights: checking them is post-processing, it costs no privacy
         if not all(torch.isfinite(p).all() for p in self.lightning_module.parameters()):
@@ -525,7 +573,6 @@ class FederatedRounds(ResumableRounds):
                 "non-finite weights (the training diverged): lower the learning rate (model.lr) or check the data"
             )
         self._average.add(state, weight=client.num_examples)
-        client.steps_taken += dict(self._local_plan.segments)[client.name]
         steps = self._metric_steps
         metrics = {k: float(v) / steps for k, v in self._metric_sums.items()} if steps else {}
         self.last_round.append(ClientReport(client.name, client.num_examples, self.epsilon_of(client), metrics))
@@ -534,6 +581,11 @@ class FederatedRounds(ResumableRounds):
     def _end_round(self) -> None:
         self.rounds_trained += 1
         self._combine_round()
+        if self._average.total_weight == 0:
+            rank_zero_info("no client finished this round: the global model stays as it is")
+            self.lightning_module.load_state_dict(self._global_state)
+            self._plan, self._global_state = None, {}
+            return
         average = self._average.result(self._global_state)
         keys = averaged_keys(self._global_state, self._average.only)
         stepped, self.server_state = apply_server_optimizer(
@@ -622,6 +674,9 @@ class FederatedDPStrategy(SingleDeviceRounds, SingleDeviceStrategy):
         client_fraction: fraction of clients sampled to train in each round, in (0, 1] (under Poisson client
             sampling, each client's probability of taking part).
         client_sampling: ``uniform`` (a fixed number of clients per round) or ``poisson`` (each independently).
+        on_client_failure: ``drop`` (a client that raises, or runs past ``client_time_limit``, leaves the round,
+            which averages the others) or ``raise`` (the run fails).
+        client_time_limit: seconds a client's round may take, or ``None``.
         proximal_mu: FedProx's mu: each client's objective adds ``mu / 2 * ||w - w_global||^2`` (0: FedAvg).
         seed: seed of the client sampling per round (and of batch sampling and noise only under
             ``privacy.unsafe_seeded_randomness``).

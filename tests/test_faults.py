@@ -1,0 +1,80 @@
+"""Clients that fail: one that raises, or runs past its time limit, leaves the round; the round averages the
+others; the privacy it spent stays counted; the event is logged and reported. Or the run fails, by option."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, PrivacyConfig
+from fl_dp_lightning.aggregation import RunningAverage, fedavg
+
+from .conftest import make_trainer
+from .test_strategy import UnawareModule, weights
+
+
+class FailsFor(UnawareModule):
+    """Raises (or stalls) on the chosen client's third step of the first round, like a flaky device."""
+
+    def __init__(self, client: str, stall: float = 0.0) -> None:
+        super().__init__()
+        self.client, self.stall, self.steps = client, stall, 0
+
+    def training_step(self, batch, batch_idx):
+        strategy = self.trainer.strategy
+        if strategy.current_client == self.client and self.trainer.current_epoch == 0:
+            self.steps += 1
+            if self.steps == 3:
+                if not self.stall:
+                    raise OSError("device went away")
+                time.sleep(self.stall)
+        return super().training_step(batch, batch_idx)
+
+
+def fit(synthetic, module, **strategy_kwargs):
+    datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=["a", "b", "c"], batch_size=40)
+    strategy = FederatedDPStrategy(privacy=PrivacyConfig(), **strategy_kwargs)
+    trainer = make_trainer(strategy, 1, limit_val_batches=0)
+    trainer.fit(module, datamodule)
+    return trainer, strategy
+
+
+def test_a_client_that_raises_is_dropped_the_round_reweighted_and_its_privacy_counted(synthetic, monkeypatch, caplog):
+    added = []
+    real_add = RunningAverage.add
+
+    def record(self, state, weight):
+        added.append(({k: v.detach().clone() for k, v in state.items()}, weight))
+        real_add(self, state, weight)
+
+    monkeypatch.setattr(RunningAverage, "add", record)
+    module = FailsFor("b")
+    with caplog.at_level("INFO"):
+        trainer, strategy = fit(synthetic, module)
+    assert len(added) == 2 and [w for _, w in added] == [400, 400]  # a and c; b left out
+    expected = fedavg([s for s, _ in added], [w for _, w in added])
+    for key, value in weights(module).items():
+        if key in expected and key.startswith("body"):
+            assert torch.allclose(value, expected[key], atol=1e-6), key
+    b = strategy.clients["b"]
+    assert b.steps_taken == 3 and sum(s for _, _, s in b.accountant.history) == 3  # 2 steps + the failing one
+    assert strategy.epsilons()["b"] > 0
+    assert strategy.faults == [{"round": 1, "client": "b", "reason": "OSError: device went away"}]
+    assert "client 'b' is dropped from this round (OSError: device went away)" in caplog.text
+    report = json.loads((Path(trainer.default_root_dir) / "privacy_report.json").read_text())
+    assert report["faults"] == strategy.faults and report["clients"]["b"]["steps"] == 3
+
+
+def test_a_client_past_its_time_limit_is_dropped(synthetic):
+    _, strategy = fit(synthetic, FailsFor("c", stall=1.5), client_time_limit=1.0)
+    assert [f["client"] for f in strategy.faults] == ["c"] and "time limit of 1 s" in strategy.faults[0]["reason"]
+    assert strategy.clients["c"].steps_taken == 3 < strategy.clients["a"].steps_taken
+
+
+def test_with_on_client_failure_raise_the_run_fails(synthetic):
+    with pytest.raises(OSError, match="device went away"):
+        fit(synthetic, FailsFor("a"), on_client_failure="raise")
