@@ -8,7 +8,7 @@ way whichever door it comes through. Every error names the full config key and t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,47 @@ class DataConfig:
 
 
 @dataclass
+class ClientOverride:
+    """One client's own settings (``client.overrides.<name>.<key>``); a key left null takes the run's value."""
+
+    batch_size: int | None = None
+    """Expected examples per batch of this client (its sample rate is batch_size / its size)."""
+    local_epochs: int | None = None
+    """Expected passes over its data per round."""
+    noise_multiplier: float | None = None
+    """Its noise std / clip norm (unitless); not with ``privacy.target_epsilon``, which calibrates it."""
+    max_grad_norm: float | None = None
+    """Its per-example clip bound (gradient units)."""
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "local_epochs"):
+            value = getattr(self, key)
+            require(value is None or value >= 1, f"client.overrides.*.{key}", value, "must be >= 1 (or null)")
+        require(
+            self.noise_multiplier is None or MIN_NOISE_MULTIPLIER <= self.noise_multiplier < math.inf,
+            "client.overrides.*.noise_multiplier",
+            self.noise_multiplier,
+            f"must be >= {MIN_NOISE_MULTIPLIER} and finite (or null)",
+        )
+        require(
+            self.max_grad_norm is None or 0 < self.max_grad_norm < math.inf,
+            "client.overrides.*.max_grad_norm",
+            self.max_grad_norm,
+            "must be > 0 and finite (or null)",
+        )
+
+
+def client_override(name: str, value: Any) -> ClientOverride:
+    """``value`` (a mapping from Hydra, or a :class:`ClientOverride`) as a checked :class:`ClientOverride`."""
+    if isinstance(value, ClientOverride):
+        return value
+    keys = [f.name for f in fields(ClientOverride)]
+    unknown = sorted(set(value) - set(keys))
+    require(not unknown, f"client.overrides.{name}", unknown, f"unknown key; the keys are {keys}")
+    return ClientOverride(**value)
+
+
+@dataclass
 class ClientConfig:
     """The data holders: how many, what they are called, how the data is split and who joins a round."""
 
@@ -107,6 +148,9 @@ class ClientConfig:
     others are averaged, its privacy spent stays counted, the event is logged and reported) or ``raise``."""
     time_limit_s: float | None = None
     """Seconds a client's round may take (checked between its steps); ``null``: no limit."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Per-client settings by name, e.g. ``+client.overrides.alice.batch_size=64``; each client's accountant
+    uses its own settings, and the privacy report lists them."""
     proximal_mu: float = 0.0
     """FedProx's mu (Li et al. 2020): each client's objective adds ``mu / 2 * ||w - w_global||^2``; 0 is FedAvg.
     Unitless, >= 0. Under DP its gradient joins the noised update, costing no privacy."""
@@ -156,6 +200,9 @@ class ClientConfig:
         )
         names = self.client_names()
         require(len(set(names)) == len(names), "client.names", self.names, "client names must be unique")
+        self.overrides = {name: client_override(name, value) for name, value in self.overrides.items()}
+        unknown = sorted(set(self.overrides) - set(names))
+        require(not unknown, "client.overrides", unknown, f"no such client; the clients are {names}")
 
     def round_fraction(self) -> float:
         """The fraction the strategy samples with: ``per_round / count`` when a count is given."""

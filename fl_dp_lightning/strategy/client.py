@@ -16,7 +16,7 @@ import torch
 from opacus.accountants import IAccountant
 from torch.utils.data import Dataset
 
-from fl_dp_lightning.config import ConfigError, PrivacyConfig
+from fl_dp_lightning.config import ClientOverride, ConfigError, PrivacyConfig
 from fl_dp_lightning.privacy.accountants import epsilon_spent, make_accountant
 from fl_dp_lightning.privacy.randomness import NOISE_STREAM, SAMPLER_STREAM, stream_generator
 from fl_dp_lightning.strategy.sampling import poisson_batches, poisson_steps_per_epoch, shuffled_batches
@@ -54,6 +54,7 @@ class ClientState:
     local_epochs: int
     poisson: bool
     noise_multiplier: float
+    max_grad_norm: float
     accountant: IAccountant | None
     sampler_rng: torch.Generator
     noise_rng: torch.Generator | None
@@ -119,14 +120,21 @@ def make_client(
     index: int,
     dataset: Dataset,
     *,
-    batch_size: int,
     privacy: PrivacyConfig,
+    batch_size: int,
     local_epochs: int,
+    override: ClientOverride | None = None,
     seed: int,
     device: torch.device,
 ) -> ClientState:
     """Builds client ``index``'s state; its random streams are secret, or derive from ``seed`` and ``index``
-    alone under ``privacy.unsafe_seeded_randomness`` (and without privacy, where nothing is protected)."""
+    alone under ``privacy.unsafe_seeded_randomness`` (and without privacy, where nothing is protected).
+
+    ``override`` replaces the run's batch size, local epochs, noise multiplier and clip norm for this client.
+    """
+    override = override or ClientOverride()
+    batch_size = override.batch_size or batch_size
+    local_epochs = override.local_epochs or local_epochs
     n = len(dataset)
     if batch_size > n:
         raise ConfigError(
@@ -155,7 +163,8 @@ def make_client(
         steps_per_round=steps_per_epoch * local_epochs,
         local_epochs=local_epochs,
         poisson=poisson,
-        noise_multiplier=privacy.noise_multiplier,
+        noise_multiplier=override.noise_multiplier or privacy.noise_multiplier,
+        max_grad_norm=override.max_grad_norm or privacy.max_grad_norm,
         accountant=make_accountant(privacy.accountant, privacy.rdp_conversion) if privacy.enabled else None,
         sampler_rng=stream_generator(seeded=seeded, seed=seed, index=index, stream=SAMPLER_STREAM),
         noise_rng=noise_rng,

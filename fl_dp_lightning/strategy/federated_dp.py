@@ -18,7 +18,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,7 +35,14 @@ from typing_extensions import override
 
 from fl_dp_lightning.aggregation import RunningAverage, averaged_keys
 from fl_dp_lightning.checkpoint import VerifiedCheckpointIO
-from fl_dp_lightning.config import CLIENT_FAILURES, CLIENT_SAMPLINGS, ConfigError, PrivacyConfig, ServerConfig
+from fl_dp_lightning.config import (
+    CLIENT_FAILURES,
+    CLIENT_SAMPLINGS,
+    ClientOverride,
+    ConfigError,
+    PrivacyConfig,
+    ServerConfig,
+)
 from fl_dp_lightning.data.datamodule import ClientDatasets
 from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
 from fl_dp_lightning.privacy.layers import fix_layers, unsupported_layers
@@ -60,6 +67,7 @@ class FederatedRounds(ResumableRounds):
         client_fraction: float = 1.0,
         client_sampling: str = "uniform",
         proximal_mu: float = 0.0,
+        client_overrides: Mapping[str, ClientOverride] | None = None,
         on_client_failure: str = "drop",
         client_time_limit: float | None = None,
         seed: int = 0,
@@ -87,6 +95,12 @@ class FederatedRounds(ResumableRounds):
         self.client_fraction = client_fraction
         self.client_sampling = client_sampling
         self.proximal_mu = proximal_mu
+        self.client_overrides = dict(client_overrides or {})
+        if self.privacy.target_epsilon is not None and any(o.noise_multiplier for o in self.client_overrides.values()):
+            raise ConfigError(
+                "client.overrides.*.noise_multiplier: privacy.target_epsilon calibrates every client's noise; "
+                "drop the noise override or the target"
+            )
         self.on_client_failure = on_client_failure
         self.client_time_limit = client_time_limit
         self.faults: list[dict[str, Any]] = []
@@ -289,9 +303,10 @@ class FederatedRounds(ResumableRounds):
                 name,
                 index,
                 dataset,
-                batch_size=data.batch_size,
                 privacy=self.privacy,
+                batch_size=data.batch_size,
                 local_epochs=self.local_epochs,
+                override=self.client_overrides.get(name),
                 seed=self.seed,
                 device=self.root_device,
             )
@@ -461,6 +476,7 @@ class FederatedRounds(ResumableRounds):
             config.scheduler.load_state_dict(copy.deepcopy(saved))  # the scheduler adopts the dict's objects
         if self._dp_optimizer is not None:
             self._dp_optimizer.noise_multiplier = client.noise_multiplier
+            self._dp_optimizer.max_grad_norm = client.max_grad_norm
             self._dp_optimizer.expected_batch_size = client.batch_size
             self._dp_optimizer.generator = client.noise_rng
             account = client.accountant.get_optimizer_hook_fn(sample_rate=client.sample_rate)
@@ -677,6 +693,7 @@ class FederatedDPStrategy(SingleDeviceRounds, SingleDeviceStrategy):
         on_client_failure: ``drop`` (a client that raises, or runs past ``client_time_limit``, leaves the round,
             which averages the others) or ``raise`` (the run fails).
         client_time_limit: seconds a client's round may take, or ``None``.
+        client_overrides: per-client batch size, local epochs, noise multiplier and clip norm, by client name.
         proximal_mu: FedProx's mu: each client's objective adds ``mu / 2 * ||w - w_global||^2`` (0: FedAvg).
         seed: seed of the client sampling per round (and of batch sampling and noise only under
             ``privacy.unsafe_seeded_randomness``).

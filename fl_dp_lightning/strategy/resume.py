@@ -30,6 +30,7 @@ class ResumableRounds:
             "local_epochs": self.local_epochs,
             "client_fraction": self.client_fraction,
             "client_sampling": self.client_sampling,
+            "client_overrides": {name: asdict(o) for name, o in self.client_overrides.items()},
             "proximal_mu": self.proximal_mu,
             "server": asdict(self.server),
             "server_state": self.server_state,
@@ -87,7 +88,15 @@ class ResumableRounds:
         ]
         diffs += [
             f"{key}: checkpoint {state.get(key)!r}, now {current[key]!r}"
-            for key in ("seed", "local_epochs", "client_fraction", "client_sampling", "proximal_mu", "server")
+            for key in (
+                "seed",
+                "local_epochs",
+                "client_fraction",
+                "client_sampling",
+                "client_overrides",
+                "proximal_mu",
+                "server",
+            )
             if state.get(key) != current[key]
         ]
         if diffs:
