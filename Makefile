@@ -21,6 +21,7 @@ bench: $(STAMP)
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
 	$(PY) benchmarks/seed_round.py
 	$(PY) benchmarks/scale_clients.py
+	$(PY) benchmarks/scenarios.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fl_dp_lightning tests benchmarks examples train.py
