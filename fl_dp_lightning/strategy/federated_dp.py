@@ -505,7 +505,11 @@ class FederatedRounds(ResumableRounds):
         except Exception as err:  # a client's failure: its round is dropped, or the run fails, by option
             if self.on_client_failure == "raise" or self._client is None:
                 raise
-            self._fail_client(f"{type(err).__name__}: {err}")
+            private = self.privacy.enabled and not self.privacy.unsafe_release_training_metrics
+            # the message of an error raised on a client's records may quote them: under DP only its type leaves
+            self._fail_client(
+                f"{type(err).__name__}" + (" (message withheld: it may quote private data)" if private else f": {err}")
+            )
             # this step becomes an empty DP step: noise added and accounted (conservative), the weights discarded
             self._empty_batch = True
             return torch.zeros((), device=self.root_device, requires_grad=True)
