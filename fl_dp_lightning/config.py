@@ -135,6 +135,9 @@ class ClientConfig:
     """Label shards each client gets under ``shards``, >= 1."""
     quantity_sigma: float = 1.0
     """Log-normal sigma of the client sizes under ``quantity`` (0: equal sizes); unitless, >= 0."""
+    drop_small: bool = False
+    """Leave out (and log) the clients a partition leaves with fewer records than the batch size; off, they are
+    refused with the fix."""
     fraction: float = 1.0
     """Fraction of clients sampled to train in each round, in (0, 1]; under ``sampling=poisson`` each client's
     probability of taking part."""

@@ -62,3 +62,26 @@ def test_bad_sampling_settings_are_refused():
         ClientConfig(sampling="random")
     with pytest.raises(ConfigError, match="client.per_round=3: must be in \\[1, client.count=2\\]"):
         ClientConfig(per_round=3)
+
+
+def test_clients_a_partition_leaves_below_the_batch_size_are_refused_or_dropped_by_option(synthetic, caplog):
+    def datamodule(drop: bool) -> FederatedDataModule:
+        return FederatedDataModule(
+            train=synthetic.train, test=synthetic.test, clients=12, partition="quantity", quantity_sigma=2.0,
+            batch_size=64, drop_small_clients=drop,
+        )  # fmt: skip
+
+    small = [name for name, size in _sizes(datamodule(False)).items() if size < 64]
+    assert small, "the test's skew must leave some clients small"
+    with pytest.raises(ConfigError, match="fewer than the batch size 64: .*client.drop_small=true"):
+        make_trainer(FederatedDPStrategy(), 1).fit(small_classifier(), datamodule(False))
+    strategy = FederatedDPStrategy()
+    with caplog.at_level("INFO"):
+        make_trainer(strategy, 1, limit_val_batches=0).fit(small_classifier(), datamodule(True))
+    assert set(strategy.clients).isdisjoint(small) and len(strategy.clients) == 12 - len(small)
+    assert f"left out {len(small)} clients below the batch size" in caplog.text
+
+
+def _sizes(module: FederatedDataModule) -> dict[str, int]:
+    module.setup("fit")
+    return module.client_sizes()

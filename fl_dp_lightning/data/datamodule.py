@@ -79,6 +79,8 @@ class FederatedDataModule(pl.LightningDataModule):
         dirichlet_alpha: Dirichlet concentration, > 0.
         shards_per_client: label shards per client under ``shards``.
         quantity_sigma: log-normal sigma of the client sizes under ``quantity``.
+        drop_small_clients: leave out (logged) the clients that a partition leaves below ``batch_size`` records,
+            instead of refusing them.
         batch_size: expected examples per client batch.
         eval_batch_size: examples per validation/test batch.
         root: directory for downloads.
@@ -98,6 +100,7 @@ class FederatedDataModule(pl.LightningDataModule):
         dirichlet_alpha: float = 0.5,
         shards_per_client: int = 2,
         quantity_sigma: float = 1.0,
+        drop_small_clients: bool = False,
         batch_size: int = 128,
         eval_batch_size: int = 1024,
         root: str = "data",
@@ -125,6 +128,7 @@ class FederatedDataModule(pl.LightningDataModule):
         # settings live in attributes, not in hparams: LightningCLI and subclasses replace hparams
         self.source, self.partition, self.dirichlet_alpha = source, partition, dirichlet_alpha
         self.shards_per_client, self.quantity_sigma = shards_per_client, quantity_sigma
+        self.drop_small_clients = drop_small_clients
         self.batch_size, self.eval_batch_size, self.root = batch_size, eval_batch_size, root
         self.seed, self.synthetic_sizes = seed, tuple(synthetic_sizes)
         self.save_hyperparameters(ignore=["train", "test", "clients"])  # for the loggers
@@ -153,6 +157,7 @@ class FederatedDataModule(pl.LightningDataModule):
             dirichlet_alpha=client.dirichlet_alpha,
             shards_per_client=client.shards_per_client,
             quantity_sigma=client.quantity_sigma,
+            drop_small_clients=client.drop_small,
             batch_size=batch_size,
             eval_batch_size=data.eval_batch_size,
             root=data.root,
@@ -181,9 +186,25 @@ class FederatedDataModule(pl.LightningDataModule):
             self.client_datasets = dict(train)
         else:
             self.client_datasets = split_among_clients(train, self.client_names, self._shares(train))
+        if self.drop_small_clients:
+            self._drop_small_clients()
         self.data_origin = origin
         self.hparams["data_origin"] = origin
         rank_zero_info(f"Data: {origin}; {describe_sizes(self.client_sizes())}; test examples {len(self.test_set)}")
+
+    def _drop_small_clients(self) -> None:
+        """Leaves out the clients holding fewer records than the batch size (logged); refuses if none is left."""
+        small = [name for name, ds in self.client_datasets.items() if len(ds) < self.batch_size]
+        if len(small) == len(self.client_datasets):
+            raise ConfigError(
+                f"client.drop_small=true: every client holds fewer than batch_size={self.batch_size} records; "
+                "lower the batch size or use fewer clients"
+            )
+        for name in small:
+            del self.client_datasets[name]
+        self.client_names = list(self.client_datasets)
+        if small:
+            rank_zero_info(f"client.drop_small: left out {len(small)} clients below the batch size: {small[:20]}")
 
     def client_sizes(self) -> dict[str, int]:
         """Each client's record count (public under the replace-one guarantee)."""

@@ -139,7 +139,8 @@ def make_client(
     if batch_size > n:
         raise ConfigError(
             f"client {name!r} holds {n} examples, fewer than the batch size {batch_size}: "
-            "lower trainer.batch_size, use fewer clients, or give this client more data"
+            "lower trainer.batch_size, use fewer clients, give this client more data, or leave such clients out "
+            "with client.drop_small=true"
         )
     if privacy.enabled and privacy.delta >= 1 / n:
         raise ConfigError(
