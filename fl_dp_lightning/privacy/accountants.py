@@ -138,11 +138,6 @@ def make_accountant(name: str, conversion: str = "improved") -> IAccountant:
     return ClassicReplaceOneRDPAccountant() if conversion == "classic" else ReplaceOneRDPAccountant()
 
 
-def is_guarantee(accountant: IAccountant) -> bool:
-    """Whether the accountant's epsilon is a proven upper bound (GDP's central-limit value is not)."""
-    return not isinstance(accountant, GaussianAccountant)
-
-
 def epsilon_spent(accountant: IAccountant, delta: float) -> float:
     """Epsilon spent so far at ``delta``; 0 before the first step.
 
