@@ -5,7 +5,7 @@ each per-example gradient depends on its own record alone, covers the whole grad
 ``privacy.loss_reduction`` says. Modules can break this silently (a loss over the batch, mixup with an in-batch
 partner, records folded into the batch axis, a regularizer written into the loss, a mismatched reduction, buffers
 updated from the data). The probe runs the module's own ``training_step`` on a small random batch shaped like
-the client's records (no private value is read) and compares, with one record removed, what must not change.
+the client's records (only their shapes and types are used) and compares, with one record removed, what must not change.
 """
 
 from __future__ import annotations
