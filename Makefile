@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: train test bench lint
+.PHONY: train test bench bench-quick lint
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/seed_round.py
 	$(PY) benchmarks/scale_clients.py
 	$(PY) benchmarks/scenarios.py
+
+bench-quick: $(STAMP)  ## every benchmark on small synthetic data: checks they run (the tests run these too)
+	$(PY) benchmarks/seed_round.py --quick --rounds 1 --out /tmp/fl_dp_bench/seed_round.json
+	$(PY) benchmarks/scale_clients.py --clients 2 10 --rounds 1 --processes 1 --out /tmp/fl_dp_bench/scale_clients.json
+	$(PY) benchmarks/scenarios.py --quick --out /tmp/fl_dp_bench/scenarios.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fl_dp_lightning tests benchmarks examples train.py

@@ -5,7 +5,7 @@ CNN, SGD lr 0.1, expected batch 128, noise 1.2, clip 1.0, Poisson sampling, FedA
 loop is written like the seed tutorial (a DataLoader per client, Opacus's PrivacyEngine). Prints a table and
 saves JSON (default benchmarks/results/seed_round.json).
 
-    python benchmarks/seed_round.py [--rounds 2] [--out PATH]
+    python benchmarks/seed_round.py [--rounds 2] [--quick] [--out PATH]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
 from fl_dp_lightning.aggregation import fedavg
-from fl_dp_lightning.data.sources import load_fashion_mnist
+from fl_dp_lightning.data.sources import load_fashion_mnist, load_synthetic
 
 BATCH, LR, NOISE, CLIP, DELTA = 128, 0.1, 1.2, 1.0, 1e-5
 
@@ -69,10 +69,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "seed_round.json")
+    parser.add_argument("--quick", action="store_true", help="2,000 synthetic images: checks the outputs' form")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
-    source = load_fashion_mnist()
+    source = load_synthetic(2000, 200) if args.quick else load_fashion_mnist()
     datamodule = FederatedDataModule(
         train=source.train, test=source.test, clients=["alice", "bob"], batch_size=BATCH, seed=0
     )
@@ -87,7 +88,7 @@ def main() -> None:
         "FederatedDPStrategy (Lightning)": statistics.median(ours),
     }
     ratio = rows["plain PyTorch + Opacus (seed style)"] / rows["FederatedDPStrategy (Lightning)"]
-    print(f"\nFashion-MNIST ({source.origin}), 2 clients x 30,000, batch {BATCH}, {args.rounds} rounds")
+    print(f"\n{source.origin}, 2 clients x {len(source.train) // 2:,}, batch {BATCH}, {args.rounds} rounds")
     print(f"{'implementation':40s} {'s / client-epoch (median)':>26s}")
     for name, value in rows.items():
         print(f"{name:40s} {value:26.2f}")

@@ -1,0 +1,41 @@
+"""The benchmarks run end to end in their quick modes and write well-formed results (no timing is tested)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def bench(script: str, out: Path, *args: str) -> dict:
+    subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args, "--out", str(out)], check=True, capture_output=True,
+        timeout=600, cwd=out.parent,
+    )  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def test_seed_round_quick_compares_both_implementations(tmp_path):
+    result = bench("seed_round.py", tmp_path / "seed.json", "--quick", "--rounds", "1")
+    assert set(result["median"]) == {"plain PyTorch + Opacus (seed style)", "FederatedDPStrategy (Lightning)"}
+    assert result["speedup_strategy_over_plain"] > 0 and "synthetic" in result["data"]
+
+
+def test_scale_clients_quick_measures_each_count(tmp_path):
+    result = bench("scale_clients.py", tmp_path / "scale.json", "--clients", "2", "10", "--rounds", "1",
+                   "--processes", "1")  # fmt: skip
+    assert [row["clients"] for row in result["rows"]] == [2, 10]
+    assert all(row["seconds_per_round"] and row["peak_rss_mb"] > 0 for row in result["rows"])
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_scenarios_quick_fills_every_cell(tmp_path):
+    result = bench("scenarios.py", tmp_path / "scenarios.json", "--quick")
+    assert len(result["cells"]) == 12 and all(0 <= c["test_acc"] <= 1 for c in result["cells"])
+    assert all(c["epsilon_max"] <= 3.0 for c in result["cells"])  # the same budget in every cell
+    assert result["table"][0].startswith("| partition | FedAvg")
