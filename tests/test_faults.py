@@ -70,6 +70,7 @@ def test_a_client_that_raises_is_dropped_the_round_reweighted_and_its_privacy_co
     assert "device went away" not in caplog.text
     report = json.loads((Path(trainer.default_root_dir) / "privacy_report.json").read_text())
     assert report["faults"] == strategy.faults and report["clients"]["b"]["steps"] == 3
+    assert any(line.startswith("which client failed in which round") for line in report["not_covered"])
 
 
 def test_a_client_past_its_time_limit_is_dropped(synthetic):

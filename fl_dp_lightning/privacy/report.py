@@ -62,10 +62,19 @@ def privacy_report(strategy: Any) -> dict[str, Any]:
         "settings": asdict(privacy),
         "guarantee": guarantee_sentence(strategy),
         "released": released,
-        "not_covered": [*privacy.weakened_by(), *ALWAYS_NOT_COVERED] if privacy.enabled else [],
+        "not_covered": [*privacy.weakened_by(), *ALWAYS_NOT_COVERED, *fault_release(strategy)]
+        if privacy.enabled
+        else [],
         "faults": strategy.faults,
         "clients": rows,
     }
+
+
+def fault_release(strategy: Any) -> list[str]:
+    """A client's failure can depend on its records: the fault events are released outside the accountant."""
+    if not strategy.faults:
+        return []
+    return ["which client failed in which round (the report's faults): a failure can depend on the client's records"]
 
 
 def guarantee_sentence(strategy: Any) -> str:
