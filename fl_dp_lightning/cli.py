@@ -124,6 +124,7 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
     federated = dict(
         privacy=conf.privacy,
         server=conf.server,
+        engine=conf.engine,
         local_epochs=conf.trainer.local_epochs,
         client_fraction=conf.client.round_fraction(),
         client_sampling=conf.client.sampling,

@@ -25,6 +25,8 @@ MIN_NOISE_MULTIPLIER = 0.1
 """Smallest noise multiplier accepted under DP: below it epsilon runs into the hundreds and the PLD accountant's
 grid grows past what it can compute."""
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
+ENGINES = ("opacus", "vectorized")
+ENGINE_LOSSES = ("cross_entropy", "nll", "mse", "bce_with_logits")
 
 
 class ConfigError(ValueError):
@@ -391,6 +393,32 @@ class ServerConfig:
 
 
 @dataclass
+class EngineConfig:
+    """How each client computes its DP-SGD steps (see :mod:`fl_dp_lightning.vectorized`)."""
+
+    name: str = "opacus"
+    """``opacus``: any LightningModule, its own ``training_step``, client after client (Opacus's hooks; the
+    fastest on a few CPU cores). ``vectorized``: the round's clients at once with ``torch.func`` over the module's
+    ``forward`` and ``loss`` (SGD, tensor data; the module's ``training_step`` is not called)."""
+    loss: str = "cross_entropy"
+    """``vectorized``: the per-example loss of ``forward``'s output and the target: ``cross_entropy``, ``nll``,
+    ``mse`` or ``bce_with_logits`` (batch-mean or batch-sum as ``privacy.loss_reduction`` says)."""
+    clients_per_chunk: int | None = None
+    """``vectorized``: clients trained at once; ``null``: as many as fit 2 GiB on a CPU, half the free memory on
+    a GPU."""
+
+    def __post_init__(self) -> None:
+        require(self.name in ENGINES, "engine.name", self.name, f"choose one of {ENGINES}")
+        require(self.loss in ENGINE_LOSSES, "engine.loss", self.loss, f"choose one of {ENGINE_LOSSES}")
+        require(
+            self.clients_per_chunk is None or self.clients_per_chunk >= 1,
+            "engine.clients_per_chunk",
+            self.clients_per_chunk,
+            "must be >= 1 (or null: sized to memory)",
+        )
+
+
+@dataclass
 class HardwareConfig:
     """Where training runs."""
 
@@ -451,6 +479,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     model: Any = field(default_factory=lambda: {"_target_": "fl_dp_lightning.models.LitClassifier"})

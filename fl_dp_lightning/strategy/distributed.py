@@ -49,6 +49,8 @@ class DistributedFederatedDPStrategy(FederatedRounds, DDPStrategy):
 
     @override
     def _rank_round_length(self, plan: RoundPlan) -> int:
+        if self.vectorized:
+            return super()._rank_round_length(plan)
         per_rank = [0] * self.world_size
         for name, steps in plan.segments:
             per_rank[self.owner(name)] += steps

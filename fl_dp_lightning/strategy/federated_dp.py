@@ -40,6 +40,7 @@ from fl_dp_lightning.config import (
     CLIENT_SAMPLINGS,
     ClientOverride,
     ConfigError,
+    EngineConfig,
     PrivacyConfig,
     ServerConfig,
 )
@@ -52,6 +53,7 @@ from fl_dp_lightning.strategy.client import ClientReport, ClientState, make_clie
 from fl_dp_lightning.strategy.resume import ResumableRounds
 from fl_dp_lightning.strategy.sampling import take_batch
 from fl_dp_lightning.strategy.schedule import RoundPlan, clients_per_round, plan_round
+from fl_dp_lightning.vectorized.engine import VectorizedClients, check_vectorizable
 
 
 class FederatedRounds(ResumableRounds):
@@ -63,6 +65,7 @@ class FederatedRounds(ResumableRounds):
         *,
         privacy: PrivacyConfig | None = None,
         server: ServerConfig | None = None,
+        engine: str | EngineConfig = "opacus",
         local_epochs: int = 1,
         client_fraction: float = 1.0,
         client_sampling: str = "uniform",
@@ -89,6 +92,12 @@ class FederatedRounds(ResumableRounds):
         if not 0 <= proximal_mu < math.inf:
             raise ConfigError(f"proximal_mu={proximal_mu}: must be >= 0 and finite")
         self.privacy = privacy if privacy is not None else PrivacyConfig()
+        self.engine = EngineConfig(name=engine) if isinstance(engine, str) else engine
+        if self.vectorized and client_time_limit is not None:
+            raise ConfigError(
+                f"client_time_limit={client_time_limit}: engine=vectorized trains a chunk of clients as one "
+                "computation, so one client cannot be timed out; drop the limit or use engine=opacus"
+            )
         self.server = server if server is not None else ServerConfig()
         self.server_state: dict[str, Tensor] = {}
         self.local_epochs = local_epochs
@@ -112,6 +121,7 @@ class FederatedRounds(ResumableRounds):
         self.last_round: list[ClientReport] = []
         self._dp_optimizer: DPOptimizer | None = None
         self._grad_sample_module: GradSampleModule | None = None
+        self._vectorized_clients: VectorizedClients | None = None
         self._restored: dict[str, Any] | None = None
         self._plan: RoundPlan | None = None
         self._local_plan: RoundPlan | None = None
@@ -138,8 +148,9 @@ class FederatedRounds(ResumableRounds):
         return plan
 
     def _rank_round_length(self, plan: RoundPlan) -> int:
-        """Batches this process iterates in the round (processes must agree: Lightning syncs every step)."""
-        return plan.num_batches
+        """Batches this process iterates in the round (processes must agree: Lightning syncs every step);
+        a vectorized round is one batch."""
+        return int(bool(plan.segments)) if self.vectorized else plan.num_batches
 
     def _combine_round(self) -> None:
         """Combines the processes' partial FedAvg sums and client states (nothing to do in one process)."""
@@ -161,7 +172,8 @@ class FederatedRounds(ResumableRounds):
                 f"{len(self.optimizers)}. Return a single optimizer."
             )
         if self.privacy.enabled:
-            self._make_private()
+            if not self.vectorized:
+                self._make_private()
             if not self.privacy.unsafe_release_training_metrics:
                 self._withhold_private_outputs()
         if self.log_rounds:
@@ -314,10 +326,31 @@ class FederatedRounds(ResumableRounds):
         }
         if self._grad_sample_module is not None:
             self._probe_sensitivity(data)
+        if self.vectorized:  # per-example losses by construction: each record is its own forward
+            self._vectorized_clients = self._make_vectorized(data)
         if self.privacy.enabled and self.privacy.target_epsilon is not None and self._restored is None:
             self._calibrate_noise()  # on resume the checkpoint carries the noise chosen at the start
         if self._restored is not None:
             self._load_clients(self._restored)
+
+    @property
+    def vectorized(self) -> bool:
+        """Whether the round's clients train at once (``engine=vectorized``) instead of one after the other."""
+        return self.engine.name == "vectorized"
+
+    def _make_vectorized(self, data: ClientDatasets) -> VectorizedClients:
+        trainer = self.lightning_module.trainer
+        step_schedules = sum(1 for c in trainer.lr_scheduler_configs if c.interval == "step")
+        optimizer = self.optimizers[0]
+        check_vectorizable(self.lightning_module, optimizer, step_schedules, data.datasets, str(trainer.precision))
+        return VectorizedClients(
+            self.lightning_module,
+            optimizer,
+            data.datasets,
+            engine=self.engine,
+            privacy=self.privacy,
+            device=self.root_device,
+        )
 
     def _probe_sensitivity(self, data: ClientDatasets) -> None:
         """Refuses, before any step, modules whose per-example gradients would not bound a record's influence."""
@@ -393,6 +426,9 @@ class FederatedRounds(ResumableRounds):
         """This process's batches of the current round, client after client, then empty padding batches
         up to the length all processes share (starts the round when first advanced)."""
         self._start_round()
+        if self.vectorized:
+            yield from [_WHOLE_ROUND] * self._round_total
+            return
         for name, _ in self._local_plan.segments:
             client = self.clients[name]
             for indices in client.batch_indices():
@@ -443,6 +479,8 @@ class FederatedRounds(ResumableRounds):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)
         self._batch_idx = batch_idx
+        if self.vectorized:
+            return
         self._padding = batch_idx >= self._local_plan.num_batches
         name = self._local_plan.starts.get(batch_idx)
         if name is not None:
@@ -494,6 +532,9 @@ class FederatedRounds(ResumableRounds):
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.vectorized:
+            self._train_vectorized()
+            return torch.zeros((), device=self.root_device, requires_grad=True)  # the round is done: no step
         if self._empty_batch:
             # Poisson sampling drew no record: the DP step must still add noise and be accounted,
             # but the user's step would average an empty loss into NaN.
@@ -516,6 +557,12 @@ class FederatedRounds(ResumableRounds):
         if not self.privacy.enabled or self.privacy.unsafe_release_training_metrics:
             self._record_metrics(output)
         return output
+
+    def _train_vectorized(self) -> None:
+        clients = [self.clients[name] for name, _ in self._local_plan.segments]
+        release = not self.privacy.enabled or self.privacy.unsafe_release_training_metrics
+        for update in self._vectorized_clients.train(clients, self.proximal_mu):
+            self._add_client(update.client, {**self._global_state, **update.params}, update.metrics if release else {})
 
     def _record_metrics(self, output: Any) -> None:
         scalars = {"loss": output} if isinstance(output, Tensor) else output if isinstance(output, dict) else {}
@@ -541,6 +588,10 @@ class FederatedRounds(ResumableRounds):
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        if self.vectorized:  # the clients stepped inside training_step; the round's one batch ends it
+            output = closure()
+            self._end_round()
+            return output
         if self._padding:
             output = closure()  # keeps Lightning's loop in step with the other processes; no update, no noise
         else:
@@ -585,18 +636,21 @@ class FederatedRounds(ResumableRounds):
             )
             self._client = None
             return
-        state = self.lightning_module.state_dict()
+        steps = self._metric_steps
+        metrics = {k: float(v) / steps for k, v in self._metric_sums.items()} if steps else {}
+        self._add_client(client, self.lightning_module.state_dict(), metrics)
+        self._client = None
+
+    def _add_client(self, client: ClientState, state: Mapping[str, Tensor], metrics: dict[str, float]) -> None:
+        """Adds a client's weights to the round's FedAvg and its report to the round's reports."""
         # the client's released (noised) weights: checking them is post-processing, it costs no privacy
-        if not all(torch.isfinite(p).all() for p in self.lightning_module.parameters()):
+        if not all(torch.isfinite(state[name]).all() for name, _ in self.lightning_module.named_parameters()):
             raise ConfigError(
                 f"client {client.name!r} ended round {self.lightning_module.trainer.current_epoch + 1} with "
                 "non-finite weights (the training diverged): lower the learning rate (model.lr) or check the data"
             )
         self._average.add(state, weight=client.num_examples)
-        steps = self._metric_steps
-        metrics = {k: float(v) / steps for k, v in self._metric_sums.items()} if steps else {}
         self.last_round.append(ClientReport(client.name, client.num_examples, self.epsilon_of(client), metrics))
-        self._client = None
 
     def _end_round(self) -> None:
         self.rounds_trained += 1
@@ -690,6 +744,9 @@ class FederatedDPStrategy(SingleDeviceRounds, SingleDeviceStrategy):
     Args:
         privacy: DP-SGD settings; ``PrivacyConfig(enabled=False)`` trains plain federated averaging.
         server: the server optimizer applied to the clients' average (``ServerConfig()``: plain FedAvg).
+        engine: how clients compute their steps: ``"opacus"`` (any module, its ``training_step``, one client
+            after another) or ``"vectorized"`` (the round's clients at once; see
+            :class:`~fl_dp_lightning.config.EngineConfig`).
         local_epochs: passes each client makes over its own data per round.
         client_fraction: fraction of clients sampled to train in each round, in (0, 1] (under Poisson client
             sampling, each client's probability of taking part).
@@ -706,6 +763,10 @@ class FederatedDPStrategy(SingleDeviceRounds, SingleDeviceStrategy):
     """
 
     strategy_name = "federated_dp"
+
+
+_WHOLE_ROUND = "whole round"
+"""The one batch of a vectorized round (the engine draws the clients' batches itself)."""
 
 
 class _RoundIterable:

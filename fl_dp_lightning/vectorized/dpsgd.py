@@ -1,0 +1,88 @@
+"""DP-SGD's step for many clients at once, as pure functions over stacked tensors.
+
+Shapes: ``C`` clients, each with a batch padded to ``P`` records; a mask marks the real records (1) and the padding
+(0). Per-example gradients are ``[C, P, *param.shape]``. The arithmetic is Opacus's (``DPOptimizer``): each
+example's gradient is scaled by ``min(1, S / (||g|| + 1e-6))`` and the scaled gradients summed; padding contributes
+exactly zero, so a padded batch gives the same sum as the unpadded one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PerExampleLoss = Callable[[Tensor, Tensor], Tensor]
+"""``loss(output, target)`` -> one loss per example (shape ``[batch]``)."""
+
+
+def _mse(output: Tensor, target: Tensor) -> Tensor:
+    return F.mse_loss(output, target, reduction="none").flatten(1).mean(1)
+
+
+def _bce_with_logits(output: Tensor, target: Tensor) -> Tensor:
+    return F.binary_cross_entropy_with_logits(output, target, reduction="none").flatten(1).mean(1)
+
+
+def _cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+    return F.cross_entropy(output, target, reduction="none")
+
+
+def _nll(output: Tensor, target: Tensor) -> Tensor:
+    return F.nll_loss(output, target, reduction="none")
+
+
+LOSSES: dict[str, PerExampleLoss] = {
+    "cross_entropy": _cross_entropy,
+    "nll": _nll,
+    "mse": _mse,
+    "bce_with_logits": _bce_with_logits,
+}
+"""Per-example losses by name; each is the per-example term of the batch-mean loss of the same name in torch."""
+CLASSIFICATION_LOSSES = ("cross_entropy", "nll")
+"""Losses whose output is per-class scores, so that accuracy (argmax equals target) is defined."""
+
+
+def per_example_norms(grads: Mapping[str, Tensor]) -> Tensor:
+    """The L2 norm of each example's whole gradient (over all parameters): ``[C, P]``."""
+    return torch.stack([g.flatten(2).norm(2, dim=-1) for g in grads.values()], dim=-1).norm(2, dim=-1)
+
+
+def clip_and_sum(grads: Mapping[str, Tensor], mask: Tensor, max_grad_norm: Tensor) -> dict[str, Tensor]:
+    """Each client's sum of its real records' gradients, each clipped to that client's ``max_grad_norm``.
+
+    Args:
+        grads: per-example gradients by parameter name, ``[C, P, *shape]``.
+        mask: ``[C, P]``, 1 for a real record and 0 for padding.
+        max_grad_norm: ``[C]``, each client's clip norm S.
+
+    Returns:
+        ``[C, *shape]`` per parameter.
+    """
+    factor = (max_grad_norm[:, None] / (per_example_norms(grads) + 1e-6)).clamp(max=1.0) * mask
+    return {name: torch.einsum("cp,cp...->c...", factor.to(g.dtype), g) for name, g in grads.items()}
+
+
+def sgd_step(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """One step of ``torch.optim.SGD`` (same arguments), out of place: the new parameter and momentum buffer."""
+    if maximize:
+        grad = -grad
+    if weight_decay:
+        grad = grad + weight_decay * param
+    if momentum:
+        momentum_buffer = grad.clone() if momentum_buffer is None else momentum * momentum_buffer + (1 - dampening) * grad
+        grad = grad + momentum * momentum_buffer if nesterov else momentum_buffer
+    return param - lr * grad, momentum_buffer
