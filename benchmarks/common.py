@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import lightning.pytorch as pl
+import torch
 
 from fl_dp_lightning import LitClassifier
 from fl_dp_lightning.cli import RoundTimer
@@ -39,3 +40,9 @@ def timed_fit(
     start = time.perf_counter()
     trainer.fit(module, datamodule)
     return timer.seconds if devices == 1 else [(time.perf_counter() - start) / rounds] * rounds
+
+
+def synchronize(device: str) -> None:
+    """Waits for the GPU's queued work, so that a timer reads what it ran."""
+    if device == "cuda":
+        torch.cuda.synchronize()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from common import timed_fit  # benchmarks/ is on sys.path when a benchmark runs as a script
+from common import synchronize, timed_fit  # benchmarks/ is on sys.path when a benchmark runs as a script
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
@@ -32,9 +32,9 @@ from fl_dp_lightning.data.sources import load_fashion_mnist, load_synthetic
 BATCH, LR, NOISE, CLIP, DELTA = 128, 0.1, 1.2, 1.0, 1e-5
 
 
-def plain_opacus_rounds(clients: dict, init: torch.nn.Module, rounds: int) -> list[float]:
+def plain_opacus_rounds(clients: dict, init: torch.nn.Module, rounds: int, device: str = "cpu") -> list[float]:
     """The seed's loop: per client a model copy, SGD, PrivacyEngine; FedAvg by hand. Seconds per client-epoch."""
-    global_model, seconds = copy.deepcopy(init), []
+    global_model, seconds = copy.deepcopy(init).to(device), []
     for _ in range(rounds):
         states, sizes = [], []
         for dataset in clients.values():
@@ -47,9 +47,11 @@ def plain_opacus_rounds(clients: dict, init: torch.nn.Module, rounds: int) -> li
             criterion = torch.nn.CrossEntropyLoss()
             start = time.perf_counter()
             for x, y in loader:
+                x, y = x.to(device), y.to(device)
                 optimizer.zero_grad()
                 criterion(model(x), y).backward()
                 optimizer.step()
+            synchronize(device)
             seconds.append(time.perf_counter() - start)
             states.append(model._module.state_dict())
             sizes.append(len(dataset))

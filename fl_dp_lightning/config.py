@@ -406,6 +406,9 @@ class EngineConfig:
     clients_per_chunk: int | None = None
     """``vectorized``: clients trained at once; ``null``: as many as fit 2 GiB on a CPU, half the free memory on
     a GPU."""
+    compile: bool = False
+    """``vectorized``: compile each client's step with ``torch.compile`` over batches padded to one static width
+    (once per process: tens of seconds on a CPU; falls back to eager, with a warning, where it fails)."""
 
     def __post_init__(self) -> None:
         require(self.name in ENGINES, "engine.name", self.name, f"choose one of {ENGINES}")

@@ -19,6 +19,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator, Mapping
+from itertools import islice
 from typing import Any
 
 import lightning.pytorch as pl
@@ -347,6 +348,7 @@ class FederatedRounds(ResumableRounds):
             self.lightning_module,
             optimizer,
             data.datasets,
+            list(self.clients.values()),
             engine=self.engine,
             privacy=self.privacy,
             device=self.root_device,
@@ -431,7 +433,9 @@ class FederatedRounds(ResumableRounds):
             return
         for name, _ in self._local_plan.segments:
             client = self.clients[name]
-            for indices in client.batch_indices():
+            # exactly its steps, as a plain Lightning loop takes an epoch's batches (a shuffling sampler is left
+            # before its closing draw), so that every engine leaves a client's sampler stream in the same state
+            for indices in islice(client.batch_indices(), client.steps_per_round):
                 yield take_batch(client.dataset, indices)
         padding = take_batch(next(iter(self.clients.values())).dataset, [])
         for _ in range(self._round_total - self._local_plan.num_batches):

@@ -83,6 +83,8 @@ def sgd_step(
     if weight_decay:
         grad = grad + weight_decay * param
     if momentum:
-        momentum_buffer = grad.clone() if momentum_buffer is None else momentum * momentum_buffer + (1 - dampening) * grad
+        momentum_buffer = (
+            grad.clone() if momentum_buffer is None else momentum * momentum_buffer + (1 - dampening) * grad
+        )
         grad = grad + momentum * momentum_buffer if nesterov else momentum_buffer
     return param - lr * grad, momentum_buffer

@@ -6,6 +6,11 @@ the Opacus engine gives it: its own Poisson batches (drawn from its own sampler 
 same batches under both engines), its clip norm, its noise (Opacus's own generator function, from its own noise
 stream), its sample rate, steps and accountant. Clients are trained in chunks sized to fit memory.
 
+On a GPU the chunk's clients are one ``vmap``; on CPU cores a loop over the chunk's clients is faster (measured:
+benchmarks/speed.py), so the engine loops there. With ``engine.compile`` each client's batch is padded to one static
+width and the step compiled; a Poisson batch wider than that is cut into several padded slices whose clipped sums
+add up, so padding never changes the result.
+
 What it cannot run it refuses before any step (:meth:`VectorizedClients.check`): data that is not a
 ``TensorDataset(inputs, targets)``, BatchNorm (its running statistics are updated from the batch), optimizers
 other than SGD, per-step LR schedules, and forwards that ``torch.func`` cannot transform. The module's
@@ -14,8 +19,12 @@ other than SGD, per-step LR schedules, and forwards that ``torch.func`` cannot t
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
+
 import torch
 from opacus.optimizers.optimizer import _generate_noise
 from torch import Tensor, nn
@@ -33,6 +42,8 @@ CPU_MEMORY_BUDGET = 2 * 2**30
 """Bytes a chunk's per-example gradients may take on the CPU (on a GPU: half of the free memory)."""
 ACTIVATION_FACTOR = 3
 """Per-example memory as a multiple of the parameters' size (gradients, clipped copies, activations)."""
+POISSON_SPREAD = 4
+"""Static width of a compiled Poisson batch: the expected size plus this many standard deviations."""
 
 
 @dataclass
@@ -63,8 +74,10 @@ def check_vectorizable(
             "set privacy.fix_modules=true (it becomes GroupNorm)"
         )
     if type(optimizer) is not SGD:
-        problems.append(f"it runs SGD (lr, momentum, weight decay, nesterov); configure_optimizers returned "
-                        f"{type(optimizer).__name__}")
+        problems.append(
+            f"it runs SGD (lr, momentum, weight decay, nesterov); configure_optimizers returned "
+            f"{type(optimizer).__name__}"
+        )
     if step_schedulers:
         problems.append("an LR scheduler with interval='step' would step once per round; use interval='epoch'")
     if precision not in ("32", "32-true"):
@@ -81,8 +94,9 @@ class VectorizedClients:
         optimizer: its SGD optimizer: which parameters train, with their groups' settings (read every round, so
             epoch-level LR schedules apply).
         datasets: each client's ``TensorDataset(inputs, targets)``, in client order.
-        engine: the loss and the chunk size.
-        privacy: clipping, noise and loss reduction (``enabled=False``: plain local SGD on the batch mean).
+        clients: each client's state (batch size, sampling), in the same order.
+        engine: the loss, chunk size and compilation.
+        privacy: clipping, noise and loss reduction (``enabled=False``: plain local SGD on the batch).
         device: where the data is kept (moved once) and the clients train.
     """
 
@@ -91,6 +105,7 @@ class VectorizedClients:
         module: nn.Module,
         optimizer: Optimizer,
         datasets: Mapping[str, TensorDataset],
+        clients: Sequence[ClientState],
         *,
         engine: EngineConfig,
         privacy: PrivacyConfig,
@@ -110,10 +125,20 @@ class VectorizedClients:
         self.offsets = dict(zip(datasets, torch.tensor([0, *sizes[:-1]]).cumsum(0).tolist()))
         self.inputs = torch.cat([d.tensors[0] for d in datasets.values()]).to(device)
         self.targets = torch.cat([d.tensors[1] for d in datasets.values()]).to(device)
-        inner = vmap(grad(self._example_loss, has_aux=True), in_dims=(None, None, 0, 0), randomness="different")
-        self._per_example = vmap(inner, in_dims=(0, None, 0, 0), randomness="different")
-        self._batch = vmap(grad(self._batch_loss, has_aux=True), in_dims=(0, None, 0, 0, 0), randomness="different")
+        self.clients_at_once = device.type == "cuda"
+        self.width = max(static_width(c.batch_size, c.poisson) for c in clients) if engine.compile else None
+        self._example_grads = vmap(
+            grad(self._example_loss, has_aux=True), in_dims=(None, None, 0, 0), randomness="different"
+        )
+        self._step = self._prepare(self._client_sums)
         self._trial()
+
+    def _prepare(self, step: Any) -> Any:
+        if self.engine.compile:
+            step = torch.compile(step, dynamic=False)
+        if self.clients_at_once:
+            step = vmap(step, in_dims=(0, None, 0, 0, 0, 0), randomness="different")
+        return step
 
     # ----------------------------------------------------------- the functions torch.func transforms
 
@@ -130,26 +155,54 @@ class VectorizedClients:
     def _batch_loss(self, params: dict, frozen: dict, x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, tuple]:
         losses, correct = self._outputs(params, frozen, x, y)
         total = (losses * mask).sum()
-        scale = mask.sum().clamp(min=1) if self.privacy.loss_reduction == "mean" else 1
-        return total / scale, (total.detach(), (correct * mask).sum())
+        return total, (total.detach(), (correct * mask).sum())
+
+    def _client_sums(
+        self, params: dict, frozen: dict, x: Tensor, y: Tensor, mask: Tensor, max_grad_norm: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """One client's padded batch: the sum of its records' gradients (each clipped under DP), of their losses
+        and of their correct predictions."""
+        if not self.privacy.enabled:
+            grads, (loss, correct) = grad(self._batch_loss, has_aux=True)(params, frozen, x, y, mask)
+            return grads, loss, correct
+        grads, (losses, correct) = self._example_grads(params, frozen, x, y)
+        summed = clip_and_sum({n: g[None] for n, g in grads.items()}, mask[None], max_grad_norm[None])
+        return {n: g[0] for n, g in summed.items()}, (losses * mask).sum(), (correct * mask).sum()
 
     def _trial(self) -> None:
-        """Runs one step's gradients on two random records shaped like the data (no client record is used)."""
-        x = torch.randn((1, 2, *self.inputs.shape[1:]), device=self.device).to(self.inputs.dtype)
-        y = torch.zeros((1, 2, *self.targets.shape[1:]), dtype=self.targets.dtype, device=self.device)
-        params, frozen = self._start_weights(1)
+        """Runs one step on two random records shaped like the data (no client record is used): refuses a forward
+        torch.func cannot transform, and falls back to eager where compilation fails."""
+        width = self.width or 2
+        x = torch.randn((1, width, *self.inputs.shape[1:]), device=self.device).to(self.inputs.dtype)
+        y = torch.zeros((1, width, *self.targets.shape[1:]), dtype=self.targets.dtype, device=self.device)
+        mask = (torch.arange(width, device=self.device) < 2).float()[None]
+        before = {name: b.detach().clone() for name, b in self.module.named_buffers()}
         try:
-            if self.privacy.enabled:
-                self._per_example(params, frozen, x, y)
-            else:
-                self._batch(params, frozen, x, y, torch.ones((1, 2), device=self.device))
+            self._run_step(*self._start_weights(1), x, y, mask, torch.ones(1, device=self.device))
         except Exception as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            if self.engine.compile:
+                warnings.warn(
+                    f"engine.compile: torch.compile failed ({type(err).__name__}: {_first_line(err)}); "
+                    "training eagerly",
+                    stacklevel=2,
+                )
+                self.engine = replace(self.engine, compile=False)
+                self.width, self._step = None, self._prepare(self._client_sums)
+                return self._trial()
             raise ConfigError(
                 f"engine=vectorized cannot transform {type(self.module).__name__}.forward with torch.func "
-                f"({type(err).__name__}: {first}); use engine=opacus, or make forward free of in-place state "
-                f"changes and data-dependent Python control flow (loss {self.engine.loss!r})"
+                f"({type(err).__name__}: {_first_line(err)}); use engine=opacus, or make forward free of in-place "
+                f"state changes and data-dependent Python control flow (loss {self.engine.loss!r})"
             ) from err
+        changed = [name for name, b in self.module.named_buffers() if not torch.equal(b, before[name])]
+        for name, buffer in self.module.named_buffers():
+            buffer.copy_(before[name])
+        if changed:
+            raise ConfigError(
+                f"engine=vectorized: {type(self.module).__name__}.forward changes its buffers {changed}, which a "
+                "functional step cannot carry; use engine=opacus, or keep forward free of state changes"
+            )
+        return None
 
     # ------------------------------------------------------------------------------- a round
 
@@ -187,14 +240,11 @@ class VectorizedClients:
         loss_sums, correct_sums, records = (torch.zeros(count, device=self.device) for _ in range(3))
         for step in range(int(steps.max())):
             active = (steps > step).tolist()
-            x, y, mask = self._gather(chunk, [next(b) if a else [] for b, a in zip(batches, active)])
-            if self.privacy.enabled:
-                grads, (losses, correct) = self._per_example(params, frozen, x, y)
-                grads = self._noised(chunk, active, clip_and_sum(grads, mask, self._per_client(chunk, "max_grad_norm")))
-                losses, correct = (losses * mask).sum(1), (correct * mask).sum(1)
-            else:
-                grads, (losses, correct) = self._batch(params, frozen, x, y, mask)
-            loss_sums, correct_sums, records = loss_sums + losses, correct_sums + correct, records + mask.sum(1)
+            drawn = [next(b) if a else [] for b, a in zip(batches, active)]
+            grads, losses, correct = self._sums(params, frozen, chunk, drawn)
+            sizes = torch.tensor([len(b) for b in drawn], device=self.device, dtype=loss_sums.dtype)
+            loss_sums, correct_sums, records = loss_sums + losses, correct_sums + correct, records + sizes
+            grads = self._noised(chunk, active, grads) if self.privacy.enabled else self._batch_mean(grads, sizes)
             keep = torch.tensor(active, device=self.device)
             for names, setting in zip(self.groups, settings):
                 for name in names:
@@ -215,12 +265,38 @@ class VectorizedClients:
                 metrics["acc"] = float(correct_sums[c]) / seen
             yield ClientUpdate(client, {n: p[c] for n, p in params.items()}, metrics)
 
+    def _sums(
+        self, params: dict[str, Tensor], frozen: dict[str, Tensor], chunk: list[ClientState], batches: list[list[int]]
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Each client's (clipped) gradient sum, loss sum and correct count over its batch, ``[C, ...]``: in
+        slices of the static width when compiled (sums add up), else in one slice as wide as the longest batch."""
+        longest = max(len(b) for b in batches)
+        width = self.width or max(1, longest)
+        max_norm = self._per_client(chunk, "max_grad_norm")
+        total = None
+        for start in range(0, max(1, longest), width):
+            x, y, mask = self._gather(chunk, [b[start : start + width] for b in batches], width)
+            part = self._run_step(params, frozen, x, y, mask, max_norm)
+            total = part if total is None else _add(total, part)
+        return total
+
+    def _run_step(
+        self, params: dict[str, Tensor], frozen: dict[str, Tensor], x: Tensor, y: Tensor, mask: Tensor, norm: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        if self.clients_at_once:
+            return self._step(params, frozen, x, y, mask, norm)
+        rows = [
+            self._step({n: p[c] for n, p in params.items()}, frozen, x[c], y[c], mask[c], norm[c])
+            for c in range(len(x))
+        ]
+        grads = {n: torch.stack([r[0][n] for r in rows]) for n in rows[0][0]}
+        return grads, torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows])
+
     def _per_client(self, chunk: list[ClientState], attribute: str) -> Tensor:
         return torch.tensor([float(getattr(c, attribute)) for c in chunk], device=self.device)
 
-    def _gather(self, chunk: list[ClientState], batches: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
-        """The chunk's batches padded to the longest (padding repeats a client's first record, masked out)."""
-        width = max(1, max(len(b) for b in batches))
+    def _gather(self, chunk: list[ClientState], batches: list[list[int]], width: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The chunk's batches padded to ``width`` (padding repeats a client's first record, masked out)."""
         rows = []
         for client, batch in zip(chunk, batches):
             offset = self.offsets[client.name]
@@ -229,6 +305,13 @@ class VectorizedClients:
         lengths = torch.tensor([len(b) for b in batches], device=self.device)
         mask = (torch.arange(width, device=self.device) < lengths[:, None]).float()
         return self.inputs[index], self.targets[index], mask
+
+    def _batch_mean(self, grads: dict[str, Tensor], sizes: Tensor) -> dict[str, Tensor]:
+        """Without DP: the batch's summed gradient as the module's loss would give it (mean or sum)."""
+        if self.privacy.loss_reduction != "mean":
+            return grads
+        sizes = sizes.clamp(min=1)
+        return {name: g / sizes.view(-1, *[1] * (g.dim() - 1)) for name, g in grads.items()}
 
     def _noised(self, chunk: list[ClientState], active: list[bool], summed: dict[str, Tensor]) -> dict[str, Tensor]:
         """Opacus's noise (from each client's own stream, parameter by parameter in its order) on each active
@@ -242,6 +325,23 @@ class VectorizedClients:
                     rows[c] = rows[c] + _generate_noise(std, rows[c], client.noise_rng, self.privacy.secure_mode)
             out[name] = torch.stack(rows)
         if self.privacy.loss_reduction == "mean":  # Opacus divides by the expected batch size
-            batch = self._per_client(chunk, "batch_size")
-            out = {name: g / batch.view(-1, *[1] * (g.dim() - 1)) for name, g in out.items()}
+            return self._batch_mean(out, self._per_client(chunk, "batch_size"))
         return out
+
+
+def static_width(batch_size: int, poisson: bool) -> int:
+    """The padded width of a compiled batch: the batch size, or under Poisson sampling its expected size plus
+    ``POISSON_SPREAD`` standard deviations, rounded up to a multiple of 8."""
+    if not poisson:
+        return batch_size
+    return 8 * math.ceil((batch_size + POISSON_SPREAD * math.sqrt(batch_size)) / 8)
+
+
+def _add(total: tuple, part: tuple) -> tuple:
+    """Adds two ``(gradient sums, loss sums, correct counts)``."""
+    return {n: total[0][n] + part[0][n] for n in part[0]}, total[1] + part[1], total[2] + part[2]
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
