@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from fl_dp_lightning.data.sources import DEBIAN_FASHION_MNIST
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -39,3 +41,15 @@ def test_scenarios_quick_fills_every_cell(tmp_path):
     assert len(result["cells"]) == 12 and all(0 <= c["test_acc"] <= 1 for c in result["cells"])
     assert all(c["epsilon_max"] <= 3.0 for c in result["cells"])  # the same budget in every cell
     assert result["table"][0].startswith("| partition | FedAvg")
+
+
+@pytest.mark.skipif(
+    not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist absent"
+)
+def test_speed_quick_times_every_path_and_both_engines_side_by_side(tmp_path):
+    result = bench("speed.py", tmp_path / "speed.json", "--quick")
+    assert len(result["seed_workload"]) == 5 and result["device_name"]
+    assert all(row["median_s_per_client_epoch"] > 0 for row in result["seed_workload"].values())
+    assert [row["clients"] for row in result["scale"]["rows"]] == [4, 8]
+    assert set(result["accuracy"]) == {"rounds", "opacus", "vectorized"} and result["profile_opacus_round"]
+    assert (tmp_path / "speed.md").read_text().startswith("Device: ") and (tmp_path / "speed.png").exists()

@@ -14,10 +14,12 @@ from torch.utils.data import TensorDataset
 from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
 from fl_dp_lightning.config import ClientOverride, EngineConfig
 from fl_dp_lightning.strategy.client import make_client
+from fl_dp_lightning.strategy.sampling import on_device, take_batch
 from fl_dp_lightning.vectorized.dpsgd import clip_and_sum, sgd_step
 from fl_dp_lightning.vectorized.engine import VectorizedClients, static_width
 
-from .conftest import make_trainer
+from .conftest import direct_epsilon, make_trainer
+from .test_config import composed
 from .test_strategy import small_classifier, weights
 
 SEEDED = PrivacyConfig(noise_multiplier=1.0, unsafe_seeded_randomness=True)
@@ -243,3 +245,25 @@ def test_static_widths_cover_a_poisson_batch_well_past_its_mean():
     assert static_width(32, poisson=False) == 32
     width = static_width(128, poisson=True)
     assert width % 8 == 0 and width >= 128 + 4 * math.sqrt(128)
+
+
+def test_tensor_data_is_moved_to_the_training_device_once_and_batches_are_indexed_there(synthetic):
+    # the meta device stands in for a GPU: no data is copied, but every tensor says where it lives
+    other = torch.utils.data.Subset(synthetic.train, [0, 1, 2])
+    moved = on_device({"a": synthetic.train, "b": other}, torch.device("meta"))
+    assert all(t.device.type == "meta" for t in moved["a"].tensors) and moved["b"] is other
+    x, y = take_batch(moved["a"], [3, 5, 8])
+    assert x.device.type == "meta" and x.shape == (3, *synthetic.train.tensors[0].shape[1:]) and y.shape == (3,)
+    assert on_device({"a": synthetic.train}, torch.device("cpu"))["a"] is synthetic.train  # already there
+
+
+def test_train_py_trains_with_the_vectorized_engine_and_logs_the_same_epsilon(tmp_path):
+    from fl_dp_lightning.cli import run
+
+    overrides = ("data=synthetic", "engine=vectorized", "trainer.rounds=2", "trainer.batch_size=50")
+    results = run(composed(*overrides, "trainer.progress_bar=false"), tmp_path)
+    n = 2000 // 2  # the synthetic source's training set, split IID between alice and bob
+    q = 50 / n
+    expected = direct_epsilon(q, 1.2, 2 * int(1 / q), 1e-5)
+    assert results["epsilon"] == {"alice": pytest.approx(expected, abs=1e-9), "bob": pytest.approx(expected, abs=1e-9)}
+    assert results["rounds"] == 2 and 0 <= results["test"]["test/acc"] <= 1

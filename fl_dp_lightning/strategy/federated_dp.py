@@ -52,7 +52,7 @@ from fl_dp_lightning.privacy.probe import check_sensitivity
 from fl_dp_lightning.server import apply_server_optimizer
 from fl_dp_lightning.strategy.client import ClientReport, ClientState, make_client
 from fl_dp_lightning.strategy.resume import ResumableRounds
-from fl_dp_lightning.strategy.sampling import take_batch
+from fl_dp_lightning.strategy.sampling import on_device, take_batch
 from fl_dp_lightning.strategy.schedule import RoundPlan, clients_per_round, plan_round
 from fl_dp_lightning.vectorized.engine import VectorizedClients, check_vectorizable
 
@@ -311,6 +311,8 @@ class FederatedRounds(ResumableRounds):
             return
         for weakness in self.privacy.weakened_by():
             warnings.warn(f"the privacy guarantee is weakened by {weakness}", stacklevel=2)
+        # the vectorized engine keeps its own copy of the data on the device
+        datasets = data.datasets if self.vectorized else on_device(data.datasets, self.root_device)
         self.clients = {
             name: make_client(
                 name,
@@ -323,7 +325,7 @@ class FederatedRounds(ResumableRounds):
                 seed=self.seed,
                 device=self.root_device,
             )
-            for index, (name, dataset) in enumerate(data.datasets.items())
+            for index, (name, dataset) in enumerate(datasets.items())
         }
         if self._grad_sample_module is not None:
             self._probe_sensitivity(data)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,10 +35,26 @@ def shuffled_batches(
         yield from sampler
 
 
+def on_device(datasets: Mapping[str, Dataset], device: torch.device) -> dict[str, Dataset]:
+    """The tensor data sets moved to ``device`` once, when they fit (on a GPU: in half of its free memory), so that
+    batches are indexed where they train and Lightning's per-batch transfer finds nothing to move; other data sets
+    are returned as they are."""
+    tensors = [t for d in datasets.values() if isinstance(d, TensorDataset) for t in d.tensors]
+    if not tensors or all(t.device == device for t in tensors):
+        return dict(datasets)
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    if device.type == "cuda" and size > torch.cuda.mem_get_info(device)[0] // 2:
+        return dict(datasets)
+    return {
+        name: TensorDataset(*(t.to(device) for t in d.tensors)) if isinstance(d, TensorDataset) else d
+        for name, d in datasets.items()
+    }
+
+
 def take_batch(dataset: Dataset, indices: Sequence[int]) -> Any:
     """The batch of ``dataset`` at ``indices``; an empty index list gives tensors with zero rows."""
     if isinstance(dataset, TensorDataset):
-        idx = torch.as_tensor(indices, dtype=torch.long)
+        idx = torch.as_tensor(indices, dtype=torch.long, device=dataset.tensors[0].device)
         return tuple(t[idx] for t in dataset.tensors)
     if len(indices) == 0:
         # shape of the batch from one record, then keep none of its rows
