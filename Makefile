@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: train test bench bench-quick lint
+.PHONY: train test bench bench-gpu bench-quick lint
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,11 +20,16 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
 	$(PY) benchmarks/seed_round.py
+	$(PY) benchmarks/speed.py --compile
 	$(PY) benchmarks/scale_clients.py
 	$(PY) benchmarks/scenarios.py
 
+bench-gpu: $(STAMP)  ## the speed benchmark on the first CUDA device
+	$(PY) benchmarks/speed.py --device cuda --compile --out benchmarks/results/speed_cuda.json
+
 bench-quick: $(STAMP)  ## every benchmark on small synthetic data: checks they run (the tests run these too)
 	$(PY) benchmarks/seed_round.py --quick --rounds 1 --out /tmp/fl_dp_bench/seed_round.json
+	$(PY) benchmarks/speed.py --quick --out /tmp/fl_dp_bench/speed.json
 	$(PY) benchmarks/scale_clients.py --clients 2 10 --rounds 1 --processes 1 --out /tmp/fl_dp_bench/scale_clients.json
 	$(PY) benchmarks/scenarios.py --quick --out /tmp/fl_dp_bench/scenarios.json
 
