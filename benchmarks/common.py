@@ -1,4 +1,4 @@
-"""What the benchmarks share: a quiet CPU Trainer that times each round's training."""
+"""What the benchmarks share: a quiet Trainer that times each round's training."""
 
 from __future__ import annotations
 
@@ -12,6 +12,27 @@ from fl_dp_lightning.cli import RoundTimer
 from fl_dp_lightning.strategy.federated_dp import FederatedRounds
 
 
+def quiet_trainer(
+    strategy: FederatedRounds, rounds: int, *, device: str = "cpu", devices: int = 1, validate: bool = False
+) -> pl.Trainer:
+    """A Trainer without logging, checkpoints or progress bar, validating only when asked, that times each round
+    (its :class:`RoundTimer` is ``trainer.callbacks``' first)."""
+    return pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=devices,
+        strategy=strategy,
+        max_epochs=rounds,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1.0 if validate else 0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        callbacks=[RoundTimer()],
+    )
+
+
 def timed_fit(
     strategy: FederatedRounds,
     module: LitClassifier,
@@ -23,23 +44,10 @@ def timed_fit(
 
     With several (spawned) processes the fit is timed from here as a whole, process start-up included.
     """
-    timer = RoundTimer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        max_epochs=rounds,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
-        callbacks=[timer],
-    )
+    trainer = quiet_trainer(strategy, rounds, devices=devices)
     start = time.perf_counter()
     trainer.fit(module, datamodule)
-    return timer.seconds if devices == 1 else [(time.perf_counter() - start) / rounds] * rounds
+    return trainer.callbacks[0].seconds if devices == 1 else [(time.perf_counter() - start) / rounds] * rounds
 
 
 def synchronize(device: str) -> None:

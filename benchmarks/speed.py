@@ -32,7 +32,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from common import synchronize
+from common import quiet_trainer, synchronize
 from lightning.pytorch.callbacks import Callback
 from opacus import PrivacyEngine
 from seed_round import BATCH, CLIP, LR, NOISE, plain_opacus_rounds  # benchmarks/ is on sys.path as a script
@@ -40,7 +40,6 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
 from fl_dp_lightning.aggregation import fedavg
-from fl_dp_lightning.cli import RoundTimer
 from fl_dp_lightning.config import EngineConfig
 from fl_dp_lightning.data.sources import (
     DEBIAN_FASHION_MNIST,
@@ -53,30 +52,14 @@ from fl_dp_lightning.data.sources import (
 SCALE_EXAMPLES, SCALE_BATCH = 60, 30
 
 
-def trainer(strategy: FederatedDPStrategy, device: str, rounds: int, validate: bool = False) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
-        strategy=strategy,
-        max_epochs=rounds,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=1.0 if validate else 0,
-        num_sanity_val_steps=0,
-        callbacks=[RoundTimer()],
-    )
-
-
 def strategy_seconds(datamodule, init, device, rounds, engine="opacus", privacy=True) -> list[float]:
     """Seconds of each round's training through FederatedDPStrategy."""
     config = PrivacyConfig(noise_multiplier=NOISE, max_grad_norm=CLIP) if privacy else PrivacyConfig(enabled=False)
     engine = engine if isinstance(engine, EngineConfig) else EngineConfig(name=engine)
     strategy = FederatedDPStrategy(privacy=config, engine=engine, log_rounds=False)
-    fit = trainer(strategy, device, rounds)
+    fit = quiet_trainer(strategy, rounds, device=device)
     fit.fit(LitClassifier(copy.deepcopy(init), lr=LR), datamodule)
-    return next(cb for cb in fit.callbacks if isinstance(cb, RoundTimer)).seconds
+    return fit.callbacks[0].seconds
 
 
 def torchvision_seed_loop(init, device, rounds, records: int | None) -> list[float]:
@@ -158,7 +141,7 @@ def profile_round(datamodule, init, device) -> list[dict]:
     """The top operators of one engine=opacus round of the seed workload."""
     profiler = ProfileRound(device)
     strategy = FederatedDPStrategy(privacy=PrivacyConfig(noise_multiplier=NOISE), log_rounds=False)
-    fit = trainer(strategy, device, 2)
+    fit = quiet_trainer(strategy, 2, device=device)
     fit.callbacks.append(profiler)
     fit.fit(LitClassifier(copy.deepcopy(init), lr=LR), datamodule)
     return profiler.top
@@ -166,7 +149,7 @@ def profile_round(datamodule, init, device) -> list[dict]:
 
 def accuracy_after(datamodule, init, device, rounds, engine) -> float:
     strategy = FederatedDPStrategy(privacy=PrivacyConfig(noise_multiplier=NOISE), engine=engine, log_rounds=False)
-    fit = trainer(strategy, device, rounds, validate=True)
+    fit = quiet_trainer(strategy, rounds, device=device, validate=True)
     module = LitClassifier(copy.deepcopy(init), lr=LR)
     fit.fit(module, datamodule)
     return float(fit.callback_metrics["val/acc"])

@@ -10,8 +10,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch.utils.data import TensorDataset
+from torchvision.utils import save_image
 
-from fl_dp_lightning.privacy.report import format_report, privacy_report
+from fl_dp_lightning.data.class_counts import class_counts, counts_heatmap, counts_markdown
+from fl_dp_lightning.privacy.report import SHOWN_CLIENTS, format_report, privacy_report
 
 
 def federated_strategy(trainer: pl.Trainer) -> Any:
@@ -131,6 +134,35 @@ class FederatedLogger(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
                 logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
+        privacy = federated_strategy(trainer).privacy
+        if trainer.is_global_zero and (not privacy.enabled or privacy.unsafe_release_class_counts):
+            self.log_class_counts(trainer)
+
+    def log_class_counts(self, trainer: pl.Trainer) -> None:
+        """Each client's records per class: a table (log, ``class_counts.md``, TensorBoard text) and a heat map
+        (``class_counts.png``, TensorBoard image) in the run folder."""
+        clients = federated_strategy(trainer).clients
+        labels = {
+            name: c.dataset.tensors[-1]
+            for name, c in clients.items()
+            if isinstance(c.dataset, TensorDataset) and c.dataset.tensors[-1].dim() == 1
+        }
+        if len(labels) < len(clients) or any(y.is_floating_point() for y in labels.values()):
+            rank_zero_info("Class counts not shown: they need every client's data as a TensorDataset of integer labels")
+            return
+        counts = class_counts(labels)
+        table, image = counts_markdown(list(labels), counts), counts_heatmap(counts)
+        folder = run_folder(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "class_counts.md").write_text(table + "\n")
+        save_image(image, folder / "class_counts.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("partition/class_counts", table)
+                logger.experiment.add_image("partition/class_counts", image)
+        shown = "\n".join(table.splitlines()[: SHOWN_CLIENTS + 2])
+        more = f"\n... {len(labels) - SHOWN_CLIENTS} more" if len(labels) > SHOWN_CLIENTS else ""
+        rank_zero_info(f"Records per class and client (all in {folder / 'class_counts.md'}):\n{shown}{more}")
 
     @rank_zero_only
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -266,6 +266,10 @@ class PrivacyConfig:
     unsafe_release_training_metrics: bool = False
     """UNSAFE, for debugging: release what DP-SGD keeps inside a client (per-client training loss and metrics,
     the module's training-stage ``self.log`` and raw gradients after backward). None of it is covered."""
+    unsafe_release_class_counts: bool = False
+    """UNSAFE, for inspecting a partition: log how many records of each class every client holds (a table and a
+    heat map, in the log, TensorBoard and the run folder). Exact counts of private labels: not covered. Without DP
+    they are always logged."""
 
     def __post_init__(self) -> None:
         if self.accountant == "prv":
@@ -354,6 +358,11 @@ class PrivacyConfig:
             reasons.append(
                 "privacy.unsafe_release_training_metrics: per-client training metrics, the module's training-stage "
                 "self.log and raw gradients are released without noise and are not covered"
+            )
+        if self.unsafe_release_class_counts:
+            reasons.append(
+                "privacy.unsafe_release_class_counts: every client's exact count of records per class is released "
+                "without noise and is not covered"
             )
         if not self.poisson_sampling:
             reasons.append("privacy.poisson_sampling=false: no guarantee is proven for shuffled fixed-size batches")

@@ -82,3 +82,35 @@ def test_a_client_past_its_time_limit_is_dropped(synthetic):
 def test_with_on_client_failure_raise_the_run_fails(synthetic):
     with pytest.raises(OSError, match="device went away"):
         fit(synthetic, FailsFor("a"), on_client_failure="raise")
+
+
+def test_a_fault_on_another_process_reaches_rank_zeros_report(synthetic, tmp_path):
+    from fl_dp_lightning.strategy.distributed import DistributedFederatedDPStrategy
+
+    datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=["a", "b", "c"], batch_size=40)
+    strategy = DistributedFederatedDPStrategy(
+        privacy=PrivacyConfig(), start_method="spawn", process_group_backend="gloo"
+    )
+    trainer = make_trainer(strategy, 1, devices=2, limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer.fit(FailsFor("b"), datamodule)  # client b belongs to rank 1 (client i trains on rank i % 2)
+    report = json.loads((tmp_path / "privacy_report.json").read_text())
+    assert [(f["round"], f["client"]) for f in report["faults"]] == [(1, "b")]
+    assert any(line.startswith("which client failed in which round") for line in report["not_covered"])
+
+
+def test_faults_are_kept_in_checkpoints_and_reported_after_a_resume(synthetic, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(rounds, ckpt_path=None):
+        datamodule = FederatedDataModule(
+            train=synthetic.train, test=synthetic.test, clients=["a", "b", "c"], batch_size=40
+        )
+        strategy = FederatedDPStrategy(privacy=PrivacyConfig())
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+        trainer = make_trainer(strategy, rounds, limit_val_batches=0, enable_checkpointing=True, callbacks=[checkpoint])
+        trainer.fit(FailsFor("b"), datamodule, ckpt_path=ckpt_path)
+        return strategy
+
+    run(1)
+    resumed = run(2, ckpt_path=tmp_path / "last.ckpt")
+    assert [(f["round"], f["client"]) for f in resumed.faults] == [(1, "b")]

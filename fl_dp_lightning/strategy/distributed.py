@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.ddp import _sync_module_states
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from fl_dp_lightning.aggregation import averaged_keys
@@ -73,12 +74,22 @@ class DistributedFederatedDPStrategy(FederatedRounds, DDPStrategy):
         average.summed, average.total_weight = summed, float(flat[-1])
 
         mine = {name: self.clients[name].state_dict() for name in self._local_plan.clients}
+        round_no = self._plan.round_idx + 1
+        my_faults = [fault for fault in self.faults if fault["round"] == round_no]
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, (mine, self.last_round))
-        reports = {}
-        for states, rank_reports in gathered:
+        dist.all_gather_object(gathered, (mine, self.last_round, my_faults))
+        reports, faults = {}, []
+        for rank, (states, rank_reports, rank_faults) in enumerate(gathered):
             for name, state in states.items():
                 if name not in mine:
                     self.clients[name].load_state_dict(state)
             reports.update({r.client: r for r in rank_reports})
+            faults += rank_faults
+            for fault in rank_faults if rank != self.global_rank else []:  # logged where it happened, and on rank 0
+                client, reason = fault["client"], fault["reason"]
+                rank_zero_info(f"round {round_no}: client {client!r} was dropped on rank {rank}: {reason}")
         self.last_round = [reports[name] for name in self._plan.clients]
+        # every rank holds every fault, in client order, so that rank 0's report and checkpoint list them all
+        order = list(self.clients)
+        faults.sort(key=lambda fault: order.index(fault["client"]))
+        self.faults = [fault for fault in self.faults if fault["round"] != round_no] + faults

@@ -36,6 +36,7 @@ class ResumableRounds:
             "server_state": self.server_state,
             "planned_rounds": self.planned_rounds,
             "rounds_trained": self.rounds_trained,
+            "faults": self.faults,
             "clients": {name: c.state_dict() for name, c in self.clients.items()},
         }
 
@@ -115,6 +116,7 @@ class ResumableRounds:
             client.load_state_dict(saved[name])
         self.planned_rounds = state.get("planned_rounds")
         self.rounds_trained = state.get("rounds_trained", 0)
+        self.faults = list(state.get("faults", []))
         self.server_state = state.get("server_state", {})
         self._restored = None
         self._check_target_kept()
