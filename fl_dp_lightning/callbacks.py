@@ -30,6 +30,7 @@ TENSORBOARD_LAYOUT = {
     "Privacy": {
         "epsilon per client": ["Multiline", [r"privacy/epsilon/.*"]],
         "largest epsilon": ["Multiline", ["privacy/epsilon_max"]],
+        "user-level epsilon": ["Multiline", ["privacy/user_epsilon"]],
     },
     "Global model": {
         "validation accuracy": ["Multiline", [r"val/acc.*"]],
@@ -103,6 +104,9 @@ class FederatedLogger(Callback):
             epsilons = strategy.epsilons()
             metrics.update({f"privacy/epsilon/{name}": eps for name, eps in epsilons.items()})
             metrics["privacy/epsilon_max"] = max(epsilons.values())
+        if strategy.user_level is not None:
+            metrics["privacy/user_epsilon"] = strategy.user_level.epsilon()
+            metrics["privacy/user_clip"] = strategy.user_level.clip  # adaptive: moved by a noised count
         return metrics
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -122,6 +126,12 @@ class FederatedLogger(Callback):
             rank_zero_info(
                 f"[{report.client}] round {trainer.current_epoch + 1}/{trainer.max_epochs}{shown}  "
                 f"{epsilon_text(strategy, report.epsilon)}"
+            )
+        if strategy.user_level is not None:
+            rank_zero_info(
+                f"round {trainer.current_epoch + 1}/{trainer.max_epochs}: user-level ε = "
+                f"{metrics['privacy/user_epsilon']:.2f} (δ = {strategy.user_privacy.delta:g}), clip "
+                f"{metrics['privacy/user_clip']:.4g}"
             )
         if strategy.withheld_logs and trainer.current_epoch == 0:
             rank_zero_info(

@@ -125,6 +125,7 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
         privacy=conf.privacy,
         server=conf.server,
         engine=conf.engine,
+        user_privacy=conf.user_privacy,
         local_epochs=conf.trainer.local_epochs,
         client_fraction=conf.client.round_fraction(),
         client_sampling=conf.client.sampling,
@@ -209,6 +210,8 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
         "test": {k: float(v) for k, v in test_metrics.items()},
         "epsilon": epsilons,
         "delta": conf.privacy.delta if conf.privacy.enabled else None,
+        "user_epsilon": None if strategy.user_level is None else strategy.user_level.epsilon(),
+        "user_delta": conf.user_privacy.delta if conf.user_privacy.enabled else None,
         "seconds_per_round": timer.seconds,
     }
     if trainer.is_global_zero:

@@ -26,6 +26,7 @@ MIN_NOISE_MULTIPLIER = 0.1
 grid grows past what it can compute."""
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
 ENGINES = ("opacus", "vectorized")
+USER_ACCOUNTANTS = ("pld", "rdp", "prv")
 ENGINE_LOSSES = ("cross_entropy", "nll", "mse", "bce_with_logits")
 
 
@@ -402,6 +403,71 @@ class ServerConfig:
 
 
 @dataclass
+class UserPrivacyConfig:
+    """User-level DP at the server (DP-FedAvg): each client's whole contribution is protected (see
+    :mod:`fl_dp_lightning.privacy.user_level`). Independent of the record-level ``privacy`` group; both can be on."""
+
+    enabled: bool = False
+    """Clip each client's update and add noise at the server."""
+    noise_multiplier: float = 1.0
+    """Server noise standard deviation / clip norm (unitless, > 0); with adaptive clipping, the total of the
+    update and count noise (Andrew et al.'s split)."""
+    clip: float = 1.0
+    """L2 bound S on one client's update (its weights minus the global model's, parameter units); with adaptive
+    clipping, its starting value."""
+    delta: float = 1e-5
+    """Delta of the user-level (epsilon, delta) guarantee; keep it well below 1 / number of clients."""
+    accountant: str = "pld"
+    """User-level accountant (add/remove one client): ``pld`` (dp-accounting), ``rdp`` or ``prv`` (Opacus)."""
+    target_epsilon: float | None = None
+    """Calibrate ``noise_multiplier`` so that all planned rounds spend this user-level epsilon."""
+    adaptive_clipping: bool = False
+    """Move the clip norm each round towards ``target_quantile`` of the update norms (Andrew et al. 2021)."""
+    target_quantile: float = 0.5
+    """Adaptive clipping: the quantile of update norms the clip tracks, in (0, 1)."""
+    clip_learning_rate: float = 0.2
+    """Adaptive clipping: step of the geometric clip update (unitless, > 0)."""
+    count_noise: float | None = None
+    """Adaptive clipping: standard deviation of the noise on the count of clients that fitted under the clip
+    (clients); ``null``: expected clients per round / 20, as the paper recommends."""
+
+    def __post_init__(self) -> None:
+        require(
+            0 < self.noise_multiplier < math.inf,
+            "user_privacy.noise_multiplier",
+            self.noise_multiplier,
+            "must be > 0 and finite",
+        )
+        require(0 < self.clip < math.inf, "user_privacy.clip", self.clip, "must be > 0 and finite")
+        require(0 < self.delta < 1, "user_privacy.delta", self.delta, "must be in (0, 1), e.g. 1e-5")
+        require(
+            self.accountant in USER_ACCOUNTANTS,
+            "user_privacy.accountant",
+            self.accountant,
+            f"choose one of {USER_ACCOUNTANTS}",
+        )
+        require(
+            self.target_epsilon is None or 0 < self.target_epsilon < math.inf,
+            "user_privacy.target_epsilon",
+            self.target_epsilon,
+            "must be > 0 and finite (or null)",
+        )
+        require(0 < self.target_quantile < 1, "user_privacy.target_quantile", self.target_quantile, "must be in (0, 1)")
+        require(
+            0 < self.clip_learning_rate < math.inf,
+            "user_privacy.clip_learning_rate",
+            self.clip_learning_rate,
+            "must be > 0 and finite",
+        )
+        require(
+            self.count_noise is None or 0 < self.count_noise < math.inf,
+            "user_privacy.count_noise",
+            self.count_noise,
+            "must be > 0 and finite (or null)",
+        )
+
+
+@dataclass
 class EngineConfig:
     """How each client computes its DP-SGD steps (see :mod:`fl_dp_lightning.vectorized`)."""
 
@@ -492,6 +558,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    user_privacy: UserPrivacyConfig = field(default_factory=UserPrivacyConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     model: Any = field(default_factory=lambda: {"_target_": "fl_dp_lightning.models.LitClassifier"})

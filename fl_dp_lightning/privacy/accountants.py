@@ -94,6 +94,8 @@ class ClassicReplaceOneRDPAccountant(ReplaceOneRDPAccountant):
 class ReplaceOnePLDAccountant(RDPAccountant):
     """Privacy loss distribution accountant (dp-accounting) under replace-one; Opacus's ``step``/``history``."""
 
+    relation = "REPLACE_ONE"
+
     @classmethod
     def mechanism(cls) -> str:
         return "pld"
@@ -101,18 +103,26 @@ class ReplaceOnePLDAccountant(RDPAccountant):
     def get_epsilon(self, delta: float, **kwargs: object) -> float:
         if not self.history:
             return 0.0
-        return pld_epsilon(tuple(tuple(h) for h in self.history), delta)
+        return pld_epsilon(tuple(tuple(h) for h in self.history), delta, self.relation)
 
     def get_privacy_spent(self, *, delta: float, alphas: object = None) -> tuple[float, float]:
         return self.get_epsilon(delta), float("nan")
 
 
-def pld_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon at ``delta`` of the composed steps in ``history`` under replace-one, from dp-accounting's PLD."""
+class AddRemovePLDAccountant(ReplaceOnePLDAccountant):
+    """The PLD accountant under add/remove adjacency: user-level DP, where one client's whole data is added or
+    removed and the number of clients is not public."""
+
+    relation = "ADD_OR_REMOVE_ONE"
+
+
+def pld_epsilon(history: Sequence[tuple[float, float, int]], delta: float, relation: str = "REPLACE_ONE") -> float:
+    """Epsilon at ``delta`` of the composed steps in ``history``, from dp-accounting's PLD, under ``relation``
+    (a ``dp_accounting.NeighboringRelation`` name: replace-one by default)."""
     import dp_accounting
 
     accountant = dp_accounting.pld.PLDAccountant(
-        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
+        neighboring_relation=dp_accounting.NeighboringRelation[relation],
         value_discretization_interval=PLD_DISCRETIZATION,
     )
     for sigma, q, steps in history:
@@ -136,6 +146,17 @@ def make_accountant(name: str, conversion: str = "improved") -> IAccountant:
     if name == "gdp":
         return GaussianAccountant()
     return ClassicReplaceOneRDPAccountant() if conversion == "classic" else ReplaceOneRDPAccountant()
+
+
+def make_user_accountant(name: str) -> IAccountant:
+    """A fresh user-level accountant (add/remove one client): ``pld`` (dp-accounting), ``rdp`` (Opacus's RDP,
+    improved conversion) or ``prv`` (Opacus's privacy random variables)."""
+    from opacus.accountants import PRVAccountant
+
+    kinds = {"pld": AddRemovePLDAccountant, "rdp": RDPAccountant, "prv": PRVAccountant}
+    if name not in kinds:
+        raise ValueError(f"user_privacy.accountant={name!r}: choose one of {tuple(kinds)}")
+    return kinds[name]()
 
 
 def epsilon_spent(accountant: IAccountant, delta: float) -> float:

@@ -13,7 +13,7 @@ import secrets
 import numpy as np
 import torch
 
-SAMPLER_STREAM, NOISE_STREAM = 0, 1
+SAMPLER_STREAM, NOISE_STREAM, SERVER_STREAM, CLIENT_SAMPLING_STREAM = 0, 1, 2, 3
 
 
 def client_seed(seed: int, index: int, stream: int = SAMPLER_STREAM) -> int:

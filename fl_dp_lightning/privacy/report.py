@@ -50,7 +50,7 @@ def privacy_report(strategy: Any) -> dict[str, Any]:
             "steps": client.steps_taken,
             "num_examples": client.num_examples,
         }
-    released = list(RELEASED) if privacy.enabled else ["everything: no DP (privacy.enabled is false)"]
+    released = list(RELEASED) if privacy.enabled else ["everything: no record-level DP (privacy.enabled is false)"]
     if privacy.enabled and privacy.unsafe_release_training_metrics:
         released.append("per-client training metrics, training-stage self.log, raw gradients: NOT covered")
     return {
@@ -66,6 +66,9 @@ def privacy_report(strategy: Any) -> dict[str, Any]:
         if privacy.enabled
         else [],
         "faults": strategy.faults,
+        "user_level": None
+        if strategy.user_level is None
+        else strategy.user_level.report(guaranteed=not privacy.unsafe_seeded_randomness),
         "clients": rows,
     }
 
@@ -111,6 +114,13 @@ def format_report(report: Mapping[str, Any]) -> str:
         spread = f"; epsilon min {eps[0]:.4f}, max {eps[-1]:.4f}" if eps else ""
         lines.append(f"... and {len(rows) - SHOWN_CLIENTS} more clients{spread} (every client in the JSON report)")
     lines.append(f"Guarantee: {report['guarantee']}")
+    user = report.get("user_level")
+    if user is not None:
+        lines.append(
+            f"User-level ({user['accountant']}, {user['adjacency']}): epsilon {user['epsilon']:.4f} at delta "
+            f"{user['delta']:g} after {user['rounds']} rounds (server noise {user['noise_multiplier']:.3f}, clip "
+            f"{user['clip']:.4g}, client sampling rate {user['sample_rate']:.4g}). Guarantee: {user['guarantee']}"
+        )
     lines += [f"Released: {item}" for item in report["released"]]
     lines += [f"Not covered: {item}" for item in report["not_covered"]]
     return "\n".join(lines)

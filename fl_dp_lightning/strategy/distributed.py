@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from fl_dp_lightning.aggregation import averaged_keys
+from fl_dp_lightning.config import ConfigError
 from fl_dp_lightning.strategy.federated_dp import FederatedRounds
 from fl_dp_lightning.strategy.schedule import RoundPlan
 
@@ -34,6 +35,14 @@ class DistributedFederatedDPStrategy(FederatedRounds, DDPStrategy):
     """
 
     strategy_name = "federated_dp_ddp"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.user_privacy.enabled:
+            raise ConfigError(
+                "user_privacy.enabled with several processes: the server's noise and clip must be drawn once for all "
+                "processes, which is not built yet; train in one process (hardware=cpu or hardware=gpu)"
+            )
 
     def owner(self, client: str) -> int:
         """The rank that trains ``client``."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import secrets
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -44,6 +45,7 @@ from fl_dp_lightning.config import (
     EngineConfig,
     PrivacyConfig,
     ServerConfig,
+    UserPrivacyConfig,
 )
 from fl_dp_lightning.data.datamodule import ClientDatasets
 from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
@@ -54,6 +56,7 @@ from fl_dp_lightning.strategy.client import ClientReport, ClientState, make_clie
 from fl_dp_lightning.strategy.resume import ResumableRounds
 from fl_dp_lightning.strategy.sampling import on_device, take_batch
 from fl_dp_lightning.strategy.schedule import RoundPlan, clients_per_round, plan_round
+from fl_dp_lightning.strategy.user_level import UserLevelDP
 from fl_dp_lightning.vectorized.engine import VectorizedClients, check_vectorizable
 
 
@@ -67,6 +70,7 @@ class FederatedRounds(ResumableRounds):
         privacy: PrivacyConfig | None = None,
         server: ServerConfig | None = None,
         engine: str | EngineConfig = "opacus",
+        user_privacy: UserPrivacyConfig | None = None,
         local_epochs: int = 1,
         client_fraction: float = 1.0,
         client_sampling: str = "uniform",
@@ -94,6 +98,16 @@ class FederatedRounds(ResumableRounds):
             raise ConfigError(f"proximal_mu={proximal_mu}: must be >= 0 and finite")
         self.privacy = privacy if privacy is not None else PrivacyConfig()
         self.engine = EngineConfig(name=engine) if isinstance(engine, str) else engine
+        self.user_privacy = user_privacy if user_privacy is not None else UserPrivacyConfig()
+        if self.user_privacy.enabled and client_sampling == "uniform" and client_fraction < 1:
+            raise ConfigError(
+                f"client_fraction={client_fraction} with uniform client sampling: user-level DP is accounted for "
+                "Poisson client sampling; set client.sampling=poisson (or every client in every round)"
+            )
+        self.user_level: UserLevelDP | None = None
+        # under user-level DP who takes part is part of the mechanism: drawn secretly unless seeded by opt-in
+        seeded = self.privacy.unsafe_seeded_randomness or not self.user_privacy.enabled
+        self._sampling_seed = seed if seeded else secrets.randbits(62)
         if self.vectorized and client_time_limit is not None:
             raise ConfigError(
                 f"client_time_limit={client_time_limit}: engine=vectorized trains a chunk of clients as one "
@@ -331,6 +345,8 @@ class FederatedRounds(ResumableRounds):
             self._probe_sensitivity(data)
         if self.vectorized:  # per-example losses by construction: each record is its own forward
             self._vectorized_clients = self._make_vectorized(data)
+        if self.user_privacy.enabled:
+            self.user_level = self._make_user_level()
         if self.privacy.enabled and self.privacy.target_epsilon is not None and self._restored is None:
             self._calibrate_noise()  # on resume the checkpoint carries the noise chosen at the start
         if self._restored is not None:
@@ -355,6 +371,27 @@ class FederatedRounds(ResumableRounds):
             privacy=self.privacy,
             device=self.root_device,
         )
+
+    def _make_user_level(self) -> UserLevelDP:
+        poisson = self.client_sampling == "poisson"
+        user_level = UserLevelDP(
+            self.user_privacy,
+            sample_rate=self.client_fraction if poisson else 1.0,
+            num_clients=len(self.clients),
+            seeded=self.privacy.unsafe_seeded_randomness,
+            seed=self.seed,
+            device=self.root_device,
+        )
+        if self.user_privacy.target_epsilon is not None and self._restored is None:
+            rounds = self.lightning_module.trainer.max_epochs
+            if rounds is None or rounds < 1:
+                raise ConfigError("user_privacy.target_epsilon needs a finite number of rounds: set max_epochs")
+            sigma = user_level.calibrate(rounds)
+            rank_zero_info(
+                f"user_privacy.target_epsilon={self.user_privacy.target_epsilon} over {rounds} rounds: server noise "
+                f"multiplier {sigma:.4f} (replaces user_privacy.noise_multiplier={self.user_privacy.noise_multiplier})"
+            )
+        return user_level
 
     def _probe_sensitivity(self, data: ClientDatasets) -> None:
         """Refuses, before any step, modules whose per-example gradients would not bound a record's influence."""
@@ -412,7 +449,8 @@ class FederatedRounds(ResumableRounds):
 
     def _full_plan(self, round_idx: int) -> RoundPlan:
         steps = {name: c.steps_per_round for name, c in self.clients.items()}
-        return plan_round(steps, self.client_fraction, round_idx, self.seed, poisson=self.client_sampling == "poisson")
+        poisson = self.client_sampling == "poisson"
+        return plan_round(steps, self.client_fraction, round_idx, self._sampling_seed, poisson=poisson)
 
     def round_length(self) -> int | None:
         """Batches in every round, or ``None`` when it varies with the sampled clients."""
@@ -442,6 +480,8 @@ class FederatedRounds(ResumableRounds):
         padding = take_batch(next(iter(self.clients.values())).dataset, [])
         for _ in range(self._round_total - self._local_plan.num_batches):
             yield padding
+        if self._round_total == 0 and self.user_level is not None:
+            self._end_round()  # no client took part: the server still releases a noised (empty) sum
 
     def _start_round(self) -> RoundPlan:
         trainer = self.lightning_module.trainer
@@ -450,17 +490,18 @@ class FederatedRounds(ResumableRounds):
         self._local_plan = self._rank_plan(self._plan)
         self._round_total = self._rank_round_length(self._plan)
         self.last_round = []
-        if not sampled.segments:
-            rank_zero_info(f"round {trainer.current_epoch + 1}: no client was sampled; the global model stays as it is")
-            return self._plan
-        if not self._plan.segments:
+        if not self._plan.segments and sampled.segments:
             rank_zero_info(f"round {trainer.current_epoch + 1}: no client can train within the budget; stopping")
             trainer.should_stop = True
+            return self._plan
+        if not sampled.segments and self.user_level is None:
+            rank_zero_info(f"round {trainer.current_epoch + 1}: no client was sampled; the global model stays as it is")
             return self._plan
         self._global_state = {k: v.detach().clone() for k, v in self.lightning_module.state_dict().items()}
         self._round_schedule = self._schedule_state()
         # under DP only parameters leave a client: buffers keep their global values
-        params = {name for name, _ in self.lightning_module.named_parameters()} if self.privacy.enabled else None
+        private = self.privacy.enabled or self.user_level is not None
+        params = {name for name, _ in self.lightning_module.named_parameters()} if private else None
         self._average = RunningAverage(only=params)
         return self._plan
 
@@ -655,18 +696,25 @@ class FederatedRounds(ResumableRounds):
                 f"client {client.name!r} ended round {self.lightning_module.trainer.current_epoch + 1} with "
                 "non-finite weights (the training diverged): lower the learning rate (model.lr) or check the data"
             )
-        self._average.add(state, weight=client.num_examples)
+        if self.user_level is None:
+            self._average.add(state, weight=client.num_examples)
+        else:  # user-level DP: the client's update, clipped, counts once whatever its size
+            update = {k: state[k] - self._global_state[k] for k in self._average.only}
+            self._average.add(self.user_level.clipped(update), weight=1.0)
         self.last_round.append(ClientReport(client.name, client.num_examples, self.epsilon_of(client), metrics))
 
     def _end_round(self) -> None:
         self.rounds_trained += 1
         self._combine_round()
-        if self._average.total_weight == 0:
+        if self.user_level is not None:
+            average = self._user_level_average()
+        elif self._average.total_weight == 0:
             rank_zero_info("no client finished this round: the global model stays as it is")
             self.lightning_module.load_state_dict(self._global_state)
             self._plan, self._global_state = None, {}
             return
-        average = self._average.result(self._global_state)
+        else:
+            average = self._average.result(self._global_state)
         keys = averaged_keys(self._global_state, self._average.only)
         stepped, self.server_state = apply_server_optimizer(
             self.server, self._global_state, {k: average[k] for k in keys}, self.server_state
@@ -674,6 +722,16 @@ class FederatedRounds(ResumableRounds):
         self.lightning_module.load_state_dict({**average, **stepped})
         self._plan = None
         self._global_state = {}
+
+    def _user_level_average(self) -> dict[str, Tensor]:
+        """The global model plus the round's noised mean of clipped updates (noise even when nobody took part)."""
+        template = self._global_state
+        summed = {
+            k: self._average.summed.get(k, torch.zeros_like(template[k], dtype=torch.float64))
+            for k in self._average.only
+        }
+        mean = self.user_level.release(summed)
+        return {**template, **{k: (template[k].double() + mean[k]).to(template[k].dtype) for k in mean}}
 
     @property
     def current_client(self) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 from typing_extensions import override
 
 from fl_dp_lightning.checkpoint import CHECKPOINT_KEY
-from fl_dp_lightning.config import ConfigError
+from fl_dp_lightning.config import ConfigError, UserPrivacyConfig
 
 
 class ResumableRounds:
@@ -33,6 +33,8 @@ class ResumableRounds:
             "client_overrides": {name: asdict(o) for name, o in self.client_overrides.items()},
             "proximal_mu": self.proximal_mu,
             "server": asdict(self.server),
+            "user_privacy": asdict(self.user_privacy),
+            "user_level": None if self.user_level is None else self.user_level.state_dict(),
             "server_state": self.server_state,
             "planned_rounds": self.planned_rounds,
             "rounds_trained": self.rounds_trained,
@@ -81,6 +83,7 @@ class ResumableRounds:
 
     def _check_settings(self, state: dict[str, Any]) -> None:
         current = self.state_dict()
+        state.setdefault("user_privacy", asdict(UserPrivacyConfig()))  # checkpoints from before user-level DP
         saved_privacy, privacy = state["privacy"], current["privacy"]
         diffs = [
             f"privacy.{key}: checkpoint {saved_privacy.get(key)!r}, now {privacy[key]!r}"
@@ -97,6 +100,7 @@ class ResumableRounds:
                 "client_overrides",
                 "proximal_mu",
                 "server",
+                "user_privacy",
             )
             if state.get(key) != current[key]
         ]
@@ -117,6 +121,8 @@ class ResumableRounds:
         self.planned_rounds = state.get("planned_rounds")
         self.rounds_trained = state.get("rounds_trained", 0)
         self.faults = list(state.get("faults", []))
+        if self.user_level is not None:
+            self.user_level.load_state_dict(state["user_level"])
         self.server_state = state.get("server_state", {})
         self._restored = None
         self._check_target_kept()

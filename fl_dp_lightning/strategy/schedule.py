@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -64,7 +65,8 @@ def plan_round(
         poisson: Poisson client sampling instead of a fixed number per round.
     """
     names = list(steps)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + round_idx)
+    high, low = np.random.SeedSequence([seed, round_idx]).generate_state(2).tolist()
+    gen = torch.Generator().manual_seed(high << 31 | low >> 1)  # 63 bits: a secret seed stays out of reach
     if poisson:
         chosen = [name for name, draw in zip(names, torch.rand(len(names), generator=gen).tolist()) if draw < fraction]
     elif clients_per_round(len(names), fraction) == len(names):

@@ -1,0 +1,155 @@
+"""The server's user-level DP state: its accountant, clip norm and secret noise stream (the math is in
+:mod:`fl_dp_lightning.privacy.user_level`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fl_dp_lightning.config import ConfigError, UserPrivacyConfig
+from fl_dp_lightning.privacy.accountants import epsilon_spent, make_user_accountant
+from fl_dp_lightning.privacy.calibration import smallest_noise_multiplier
+from fl_dp_lightning.privacy.randomness import SERVER_STREAM, stream_generator
+from fl_dp_lightning.privacy.user_level import (
+    clip_update,
+    next_clip,
+    noised_fraction,
+    noised_mean,
+    update_noise_multiplier,
+)
+
+ADJACENCY = "add/remove one client's whole data"
+GUARANTEE = (
+    "({epsilon:.4g}, {delta:g})-DP for the sequence of global models, under add/remove adjacency of one client's "
+    "whole data; central DP: it holds against anyone but the server, which sees the clipped updates before the "
+    "noise and which clients took part (it must keep both to itself)"
+)
+
+
+class UserLevelDP:
+    """One run's user-level mechanism: clip each client's update, noise the sum, account each round.
+
+    Args:
+        config: the user-level settings.
+        sample_rate: each client's probability of taking part in a round (1 when all do).
+        num_clients: the clients of the run (the expected number per round is ``sample_rate * num_clients``).
+        seeded: draw the noise from the public ``seed`` (``privacy.unsafe_seeded_randomness``), else secretly.
+        seed: the run's seed.
+        device: where the model's parameters live (the noise is drawn there).
+    """
+
+    def __init__(
+        self,
+        config: UserPrivacyConfig,
+        *,
+        sample_rate: float,
+        num_clients: int,
+        seeded: bool,
+        seed: int,
+        device: torch.device,
+    ):
+        self.config = config
+        self.sample_rate = sample_rate
+        self.expected_clients = sample_rate * num_clients
+        self.accountant = make_user_accountant(config.accountant)
+        self.noise_multiplier = config.noise_multiplier
+        self.clip = config.clip
+        self.count_std = config.count_noise or self.expected_clients / 20
+        self.seeded = seeded
+        self.generator = stream_generator(seeded=seeded, seed=seed, index=0, stream=SERVER_STREAM, device=device)
+        self.fitted = 0
+        if config.adaptive_clipping:
+            self.update_noise()  # refuses a count noise that leaves nothing for the updates
+
+    def update_noise(self) -> float:
+        """The noise multiplier of the updates: all of it, or what the count query leaves (adaptive clipping)."""
+        if not self.config.adaptive_clipping:
+            return self.noise_multiplier
+        try:
+            return update_noise_multiplier(self.noise_multiplier, self.count_std)
+        except ValueError as err:
+            raise ConfigError(f"user_privacy.count_noise={self.count_std:g}: {err}; raise it") from err
+
+    def calibrate(self, rounds: int) -> float:
+        """Sets the noise multiplier so that ``rounds`` rounds spend ``config.target_epsilon``."""
+        kind = type(self.accountant)
+
+        def epsilon(sigma: float) -> float:
+            trial = kind()
+            trial.history = [(sigma, self.sample_rate, rounds)]
+            return epsilon_spent(trial, self.config.delta)
+
+        self.noise_multiplier = smallest_noise_multiplier(
+            epsilon, self.config.target_epsilon, key="user_privacy.target_epsilon"
+        )
+        return self.noise_multiplier
+
+    def clipped(self, update: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """A client's update clipped to the current norm (and counted when it fitted)."""
+        clipped, norm = clip_update(update, self.clip)
+        self.fitted += norm <= self.clip
+        return clipped
+
+    def release(self, summed: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The round's noised mean update from the sum of clipped updates; accounts the round, and moves the clip
+        under adaptive clipping (from the noised count: post-processing)."""
+        mean = noised_mean(
+            summed,
+            clip=self.clip,
+            noise_multiplier=self.update_noise(),
+            expected_clients=self.expected_clients,
+            generator=self.generator,
+        )
+        if self.config.adaptive_clipping:
+            fraction = noised_fraction(
+                self.fitted, count_std=self.count_std, expected_clients=self.expected_clients, generator=self.generator
+            )
+            self.clip = next_clip(
+                self.clip,
+                fraction,
+                target_quantile=self.config.target_quantile,
+                learning_rate=self.config.clip_learning_rate,
+            )
+        self.fitted = 0
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return mean
+
+    def epsilon(self) -> float:
+        return epsilon_spent(self.accountant, self.config.delta)
+
+    def report(self, guaranteed: bool) -> dict[str, Any]:
+        """The report's user-level section."""
+        epsilon = self.epsilon()
+        return {
+            "epsilon": epsilon,
+            "delta": self.config.delta,
+            "accountant": self.config.accountant,
+            "adjacency": ADJACENCY,
+            "noise_multiplier": self.noise_multiplier,
+            "clip": self.clip,
+            "sample_rate": self.sample_rate,
+            "expected_clients": self.expected_clients,
+            "rounds": sum(steps for _, _, steps in self.accountant.history),
+            "guarantee": GUARANTEE.format(epsilon=epsilon, delta=self.config.delta)
+            if guaranteed
+            else "none proven: privacy.unsafe_seeded_randomness makes the server noise a function of trainer.seed",
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "accountant": self.accountant.state_dict(),
+            "noise_multiplier": self.noise_multiplier,
+            "clip": self.clip,
+        }
+        if self.seeded:  # a secret stream never leaves the process
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+        self.noise_multiplier, self.clip = state["noise_multiplier"], state["clip"]
+        if self.seeded:
+            self.generator.set_state(state["generator"])

@@ -1,0 +1,170 @@
+"""User-level DP (DP-FedAvg with fixed or adaptive clipping) against hand computations and direct accountants."""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrategy, PrivacyConfig
+from fl_dp_lightning.aggregation import RunningAverage
+from fl_dp_lightning.config import UserPrivacyConfig
+from fl_dp_lightning.privacy.user_level import clip_update, noised_mean, update_noise_multiplier, update_norm
+from fl_dp_lightning.strategy.user_level import UserLevelDP
+
+from .conftest import make_trainer
+from .test_config import composed
+from .test_strategy import small_classifier, weights
+
+OFF = PrivacyConfig(enabled=False)
+
+
+def test_clipping_bounds_an_update_to_the_clip_norm_and_leaves_small_ones_alone():
+    torch.manual_seed(0)
+    for scale in (0.01, 0.3, 5.0, 100.0):
+        update = {"w": torch.randn(10, 4) * scale, "b": torch.randn(4) * scale}
+        clipped, norm = clip_update(update, 1.0)
+        assert norm == pytest.approx(update_norm(update))
+        if norm <= 1.0:
+            assert all(torch.equal(clipped[k], update[k]) for k in update)
+        else:
+            assert update_norm(clipped) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_the_server_noise_has_standard_deviation_z_times_clip_over_expected_clients():
+    zeros = {"w": torch.zeros(200_000, dtype=torch.float64)}
+    mean = noised_mean(zeros, clip=0.7, noise_multiplier=1.3, expected_clients=25, generator=torch.Generator())
+    measured, expected = float(mean["w"].std()), 1.3 * 0.7 / 25
+    assert measured == pytest.approx(expected, rel=5 / math.sqrt(2 * 200_000))  # 5 standard errors
+
+
+def test_the_count_query_and_the_update_noise_compose_to_the_stated_noise_multiplier():
+    for z, count_std in [(1.0, 5.0), (0.8, 1.0), (2.0, 1.5)]:
+        z_update = update_noise_multiplier(z, count_std)
+        assert z_update > z
+        assert (z_update**-2 + (2 * count_std) ** -2) ** -0.5 == pytest.approx(z, rel=1e-12)
+    with pytest.raises(ValueError, match="must exceed"):
+        update_noise_multiplier(1.0, 0.4)
+
+
+def fit(synthetic, user, *, clients=12, rounds=3, fraction=0.5, sampling="poisson", privacy=OFF, **kwargs):
+    pl.seed_everything(0)
+    module = small_classifier()
+    datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=clients, batch_size=20)
+    strategy = FederatedDPStrategy(
+        privacy=privacy, user_privacy=user, client_fraction=fraction, client_sampling=sampling, seed=4
+    )
+    make_trainer(strategy, rounds, **kwargs).fit(module, datamodule)
+    return module, strategy
+
+
+def test_each_clients_contribution_is_clipped_to_the_norm_in_a_real_run(synthetic, monkeypatch):
+    norms = []
+    real_add = RunningAverage.add
+
+    def record(self, state, weight):
+        norms.append(update_norm(state))
+        real_add(self, state, weight)
+
+    monkeypatch.setattr(RunningAverage, "add", record)
+    fit(synthetic, UserPrivacyConfig(enabled=True, clip=0.05), fraction=1.0, sampling="uniform", rounds=1)
+    assert len(norms) == 12 and max(norms) <= 0.05 * (1 + 1e-6) and min(norms) > 0.04  # the updates exceed 0.05
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp", "prv"])
+def test_the_user_level_epsilon_equals_a_direct_accountant_computation(synthetic, accountant):
+    user = UserPrivacyConfig(enabled=True, noise_multiplier=0.9, clip=0.5, accountant=accountant)
+    _, strategy = fit(synthetic, user, rounds=3, fraction=0.5)
+    event = dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(0.9))
+    add_remove = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    if accountant == "rdp":
+        direct = dp_accounting.rdp.RdpAccountant(neighboring_relation=add_remove)
+        tolerance = 0.03  # another grid of orders and conversion
+    else:
+        direct = dp_accounting.pld.PLDAccountant(neighboring_relation=add_remove, value_discretization_interval=1e-4)
+        tolerance = 0.02  # PLD grid and PRV error bounds
+    expected = direct.compose(event, 3).get_epsilon(1e-5)
+    assert strategy.user_level.epsilon() == pytest.approx(expected, rel=tolerance)
+    assert strategy.user_level.accountant.history == [(0.9, 0.5, 3)]
+
+
+def test_a_round_nobody_joins_still_releases_noise_and_is_accounted(synthetic):
+    user = UserPrivacyConfig(enabled=True, noise_multiplier=1.0, clip=0.1)
+    before = weights(small_classifier())
+    module, strategy = fit(synthetic, user, fraction=0.01, rounds=2, privacy=OFF)  # 12 clients: rarely anyone
+    assert sum(c.steps_taken for c in strategy.clients.values()) == 0  # nobody trained in either round
+    assert strategy.user_level.accountant.history == [(1.0, 0.01, 2)]
+    changed = [not torch.equal(v, before[k]) for k, v in weights(module).items()]
+    assert all(changed)  # every parameter moved by the server's noise alone
+
+
+def test_adaptive_clipping_converges_to_the_target_quantile_of_known_update_norms():
+    # norms uniform on [0, 2]: the median is 1 and the 0.8 quantile 1.6
+    generator = torch.Generator().manual_seed(0)
+    for quantile, true_value in [(0.5, 1.0), (0.8, 1.6)]:
+        config = UserPrivacyConfig(
+            enabled=True, noise_multiplier=1.0, clip=0.1, adaptive_clipping=True, target_quantile=quantile
+        )
+        server = UserLevelDP(config, sample_rate=1.0, num_clients=200, seeded=True, seed=1, device=torch.device("cpu"))
+        history = []
+        for _ in range(150):
+            for norm in (torch.rand(200, generator=generator) * 2).tolist():
+                server.clipped({"w": torch.tensor([norm])})
+            server.release({"w": torch.zeros(1, dtype=torch.float64)})
+            history.append(server.clip)
+        assert statistics_mean(history[-50:]) == pytest.approx(true_value, rel=0.08)
+        # the count query is paid for: the accountant holds the total noise multiplier, the updates get more noise
+        assert server.accountant.history == [(1.0, 1.0, 150)] and server.update_noise() > 1.0
+
+
+def statistics_mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def test_resume_is_exact_under_user_level_dp(synthetic, tmp_path):
+    seeded = PrivacyConfig(enabled=False, unsafe_seeded_randomness=True)
+    user = UserPrivacyConfig(enabled=True, noise_multiplier=1.0, clip=0.2, adaptive_clipping=True, count_noise=2.0)
+    full, full_strategy = fit(synthetic, user, rounds=3, privacy=seeded)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    fit(synthetic, user, rounds=1, privacy=seeded, enable_checkpointing=True, callbacks=[checkpoint])
+    pl.seed_everything(0)
+    module = small_classifier()
+    datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=12, batch_size=20)
+    strategy = FederatedDPStrategy(
+        privacy=seeded, user_privacy=user, client_fraction=0.5, client_sampling="poisson", seed=4
+    )
+    trainer = make_trainer(strategy, 3, enable_checkpointing=True, callbacks=[ModelCheckpoint(dirpath=tmp_path)])
+    trainer.fit(module, datamodule, ckpt_path=tmp_path / "last.ckpt")
+    for key, value in weights(full).items():
+        torch.testing.assert_close(weights(module)[key], value, atol=1e-6, rtol=0)
+    assert strategy.user_level.clip == full_strategy.user_level.clip
+    assert strategy.user_level.epsilon() == full_strategy.user_level.epsilon()
+
+
+def test_settings_user_level_dp_cannot_account_are_refused():
+    with pytest.raises(ConfigError, match="client.sampling=poisson"):
+        FederatedDPStrategy(user_privacy=UserPrivacyConfig(enabled=True), client_fraction=0.5)
+    from fl_dp_lightning.strategy.distributed import DistributedFederatedDPStrategy
+
+    with pytest.raises(ConfigError, match="one process"):
+        DistributedFederatedDPStrategy(user_privacy=UserPrivacyConfig(enabled=True))
+    with pytest.raises(ConfigError, match="user_privacy.clip=0"):
+        UserPrivacyConfig(enabled=True, clip=0)
+
+
+def test_train_py_logs_the_user_level_epsilon_beside_the_record_level_ones(tmp_path):
+    from fl_dp_lightning.cli import run
+
+    overrides = ("data=synthetic", "user_privacy=dpfedavg", "trainer.rounds=2", "trainer.batch_size=50")
+    results = run(composed(*overrides, "trainer.progress_bar=false"), tmp_path)
+    report = (tmp_path / "privacy_report.json").read_text()
+    assert '"user_level": {' in report and results["epsilon"]["alice"] > 0
+    direct = dp_accounting.pld.PLDAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=1e-3
+    )
+    expected = direct.compose(dp_accounting.GaussianDpEvent(1.0), 2).get_epsilon(1e-5)  # both clients every round
+    assert results["user_epsilon"] == pytest.approx(expected, rel=1e-6)  # Poisson at q = 1 is the plain Gaussian
