@@ -27,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
-    parser.add_argument("--clip", type=float, default=0.5, help="the clip norm of a client's update")
+    parser.add_argument("--clip", type=float, default=0.1, help="the clip norm of a client's update")
     parser.add_argument("--quick", action="store_true", help="synthetic data, 20 clients, 2 rounds: the outputs' form")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "user_level.json")
     args = parser.parse_args()

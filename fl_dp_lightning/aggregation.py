@@ -73,8 +73,8 @@ class RunningAverage:
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, state: StateDict, weight: float) -> None:
-        """Adds ``weight * state`` to the sum."""
+    def add(self, state: StateDict, weight: float, client: str | None = None) -> None:
+        """Adds ``weight * state`` to the sum (``client``, who adds it, matters only to a secure sum)."""
         if weight < 0:
             raise ValueError(f"weight must be non-negative, got {weight}")
         for key in averaged_keys(state, self.only):

@@ -468,6 +468,35 @@ class UserPrivacyConfig:
 
 
 @dataclass
+class SecureAggregationConfig:
+    """Secure aggregation, simulated (see :mod:`fl_dp_lightning.secure_aggregation`): the server sees only the sum."""
+
+    enabled: bool = False
+    """Mask each client's contribution so that only the round's sum can be decoded."""
+    bits: int = 48
+    """The modulus 2^bits of the fixed-point integers, in [16, 62]."""
+    scale: float = 1048576.0
+    """Fixed-point scale: values are rounded to multiples of 1 / scale (2^20 by default); the sum over the round's
+    clients must stay below 2^(bits - 1) / scale, which is checked."""
+    threshold: float = 0.5
+    """Shares needed to recover a client's secrets, as a fraction of its neighbourhood (it and its neighbours),
+    rounded up; a round in which fewer of a neighbourhood survive is refused."""
+    neighbors: int | None = None
+    """Neighbours each client masks with (SecAgg+); ``null``: all the round's other clients."""
+
+    def __post_init__(self) -> None:
+        require(16 <= self.bits <= 62, "secure_aggregation.bits", self.bits, "must be in [16, 62]")
+        require(0 < self.scale < math.inf, "secure_aggregation.scale", self.scale, "must be > 0 and finite")
+        require(0 < self.threshold <= 1, "secure_aggregation.threshold", self.threshold, "must be in (0, 1]")
+        require(
+            self.neighbors is None or self.neighbors >= 2,
+            "secure_aggregation.neighbors",
+            self.neighbors,
+            "must be >= 2 (or null: all)",
+        )
+
+
+@dataclass
 class EngineConfig:
     """How each client computes its DP-SGD steps (see :mod:`fl_dp_lightning.vectorized`)."""
 
@@ -559,6 +588,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     user_privacy: UserPrivacyConfig = field(default_factory=UserPrivacyConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     model: Any = field(default_factory=lambda: {"_target_": "fl_dp_lightning.models.LitClassifier"})

@@ -51,6 +51,10 @@ def privacy_report(strategy: Any) -> dict[str, Any]:
             "num_examples": client.num_examples,
         }
     released = list(RELEASED) if privacy.enabled else ["everything: no record-level DP (privacy.enabled is false)"]
+    if strategy.secure_aggregation.enabled:
+        released.append(
+            "secure aggregation (simulated): the server decodes only each round's sum of the clients' contributions"
+        )
     if privacy.enabled and privacy.unsafe_release_training_metrics:
         released.append("per-client training metrics, training-stage self.log, raw gradients: NOT covered")
     return {

@@ -38,11 +38,13 @@ class DistributedFederatedDPStrategy(FederatedRounds, DDPStrategy):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if self.user_privacy.enabled:
-            raise ConfigError(
-                "user_privacy.enabled with several processes: the server's noise and clip must be drawn once for all "
-                "processes, which is not built yet; train in one process (hardware=cpu or hardware=gpu)"
-            )
+        server_side = {"user_privacy": self.user_privacy, "secure_aggregation": self.secure_aggregation}
+        for key, config in server_side.items():
+            if config.enabled:
+                raise ConfigError(
+                    f"{key}.enabled with several processes: the server's side must run once for all processes, "
+                    "which is not built yet; train in one process (hardware=cpu or hardware=gpu)"
+                )
 
     def owner(self, client: str) -> int:
         """The rank that trains ``client``."""

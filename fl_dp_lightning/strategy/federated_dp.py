@@ -44,6 +44,7 @@ from fl_dp_lightning.config import (
     ConfigError,
     EngineConfig,
     PrivacyConfig,
+    SecureAggregationConfig,
     ServerConfig,
     UserPrivacyConfig,
 )
@@ -51,6 +52,7 @@ from fl_dp_lightning.data.datamodule import ClientDatasets
 from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
 from fl_dp_lightning.privacy.layers import fix_layers, unsupported_layers
 from fl_dp_lightning.privacy.probe import check_sensitivity
+from fl_dp_lightning.secure_aggregation import SecureSum
 from fl_dp_lightning.server import apply_server_optimizer
 from fl_dp_lightning.strategy.client import ClientReport, ClientState, make_client
 from fl_dp_lightning.strategy.resume import ResumableRounds
@@ -71,6 +73,7 @@ class FederatedRounds(ResumableRounds):
         server: ServerConfig | None = None,
         engine: str | EngineConfig = "opacus",
         user_privacy: UserPrivacyConfig | None = None,
+        secure_aggregation: SecureAggregationConfig | None = None,
         local_epochs: int = 1,
         client_fraction: float = 1.0,
         client_sampling: str = "uniform",
@@ -105,6 +108,7 @@ class FederatedRounds(ResumableRounds):
                 "Poisson client sampling; set client.sampling=poisson (or every client in every round)"
             )
         self.user_level: UserLevelDP | None = None
+        self.secure_aggregation = secure_aggregation if secure_aggregation is not None else SecureAggregationConfig()
         # under user-level DP who takes part is part of the mechanism: drawn secretly unless seeded by opt-in
         seeded = self.privacy.unsafe_seeded_randomness or not self.user_privacy.enabled
         self._sampling_seed = seed if seeded else secrets.randbits(62)
@@ -142,7 +146,7 @@ class FederatedRounds(ResumableRounds):
         self._local_plan: RoundPlan | None = None
         self._round_total = 0
         self._global_state: dict[str, Tensor] = {}
-        self._average = RunningAverage()
+        self._average: RunningAverage | SecureSum = RunningAverage()
         self._client: ClientState | None = None
         self._metric_sums: dict[str, Tensor] = {}
         self._metric_steps = 0
@@ -502,7 +506,12 @@ class FederatedRounds(ResumableRounds):
         # under DP only parameters leave a client: buffers keep their global values
         private = self.privacy.enabled or self.user_level is not None
         params = {name for name, _ in self.lightning_module.named_parameters()} if private else None
-        self._average = RunningAverage(only=params)
+        if self.secure_aggregation.enabled:  # masks are set up among the round's clients before they train
+            clients = self._local_plan.clients
+            seed = self._sampling_seed + trainer.current_epoch  # the neighbour graph is public
+            self._average = SecureSum(clients, self._global_state, params, self.secure_aggregation, seed)
+        else:
+            self._average = RunningAverage(only=params)
         return self._plan
 
     def _within_budget(self, plan: RoundPlan) -> RoundPlan:
@@ -697,10 +706,10 @@ class FederatedRounds(ResumableRounds):
                 "non-finite weights (the training diverged): lower the learning rate (model.lr) or check the data"
             )
         if self.user_level is None:
-            self._average.add(state, weight=client.num_examples)
+            self._average.add(state, weight=client.num_examples, client=client.name)
         else:  # user-level DP: the client's update, clipped, counts once whatever its size
             update = {k: state[k] - self._global_state[k] for k in self._average.only}
-            self._average.add(self.user_level.clipped(update), weight=1.0)
+            self._average.add(self.user_level.clipped(update), weight=1.0, client=client.name)
         self.last_round.append(ClientReport(client.name, client.num_examples, self.epsilon_of(client), metrics))
 
     def _end_round(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from typing_extensions import override
 
 from fl_dp_lightning.checkpoint import CHECKPOINT_KEY
-from fl_dp_lightning.config import ConfigError, UserPrivacyConfig
+from fl_dp_lightning.config import ConfigError, SecureAggregationConfig, UserPrivacyConfig
 
 
 class ResumableRounds:
@@ -34,6 +34,7 @@ class ResumableRounds:
             "proximal_mu": self.proximal_mu,
             "server": asdict(self.server),
             "user_privacy": asdict(self.user_privacy),
+            "secure_aggregation": asdict(self.secure_aggregation),
             "user_level": None if self.user_level is None else self.user_level.state_dict(),
             "server_state": self.server_state,
             "planned_rounds": self.planned_rounds,
@@ -83,7 +84,9 @@ class ResumableRounds:
 
     def _check_settings(self, state: dict[str, Any]) -> None:
         current = self.state_dict()
-        state.setdefault("user_privacy", asdict(UserPrivacyConfig()))  # checkpoints from before user-level DP
+        # checkpoints from before user-level DP and secure aggregation
+        state.setdefault("user_privacy", asdict(UserPrivacyConfig()))
+        state.setdefault("secure_aggregation", asdict(SecureAggregationConfig()))
         saved_privacy, privacy = state["privacy"], current["privacy"]
         diffs = [
             f"privacy.{key}: checkpoint {saved_privacy.get(key)!r}, now {privacy[key]!r}"
@@ -101,6 +104,7 @@ class ResumableRounds:
                 "proximal_mu",
                 "server",
                 "user_privacy",
+                "secure_aggregation",
             )
             if state.get(key) != current[key]
         ]
