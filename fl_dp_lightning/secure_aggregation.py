@@ -159,7 +159,7 @@ class SecureRound:
         bits: the modulus is 2^bits.
         scale: fixed-point scale (values are rounded to multiples of 1 / scale).
         threshold: shares needed to rebuild a secret, as a fraction of a client's neighbourhood (it and its
-            neighbours), rounded up.
+            neighbours, who each hold one share), rounded up.
         degree: neighbours of each client (None: all others).
         seed: seeds the public neighbour graph.
     """
@@ -170,8 +170,8 @@ class SecureRound:
         self.clients = [Client(i) for i in range(count)]
         self.public_keys = {c.index: c.public_key for c in self.clients}  # what the server relays
         self.thresholds = [max(1, math.ceil(threshold * (len(self.graph[i]) + 1))) for i in range(count)]
-        for client in self.clients:  # each client deals shares of its two secrets to its neighbours
-            holders = sorted(self.graph[client.index])
+        for client in self.clients:  # each client deals shares of its two secrets to its neighbourhood
+            holders = sorted(self.graph[client.index] | {client.index})
             for kind, secret in (("key", client.secret_key), ("self", client.self_seed)):
                 shares = shamir_split(secret, parties=holders, threshold=self.thresholds[client.index])
                 for holder, share in shares.items():
@@ -195,7 +195,7 @@ class SecureRound:
         bits, alive = self.bits, set(self.received)
         total = np.zeros(length, dtype=np.uint64) if self.masked_sum is None else self.masked_sum.copy()
         for index in range(self.count):
-            holders = {h for h in self.graph[index] if h in alive}
+            holders = (self.graph[index] | {index}) & alive
             kind = "self" if index in alive else "key"
             shares = {h: self.clients[h].held[kind][index][h] for h in holders}
             secret = shamir_combine(shares, self.thresholds[index])

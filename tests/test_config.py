@@ -42,7 +42,17 @@ def test_the_default_config_is_the_seed_workload():
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g, options in GROUPS.items() for o in options])
 def test_every_group_option_composes_and_builds(group, option, tmp_path, monkeypatch):
-    assert set(GROUPS) == {"data", "client", "privacy", "server", "engine", "user_privacy", "hardware", "trainer"}
+    assert set(GROUPS) == {
+        "data",
+        "client",
+        "privacy",
+        "server",
+        "engine",
+        "user_privacy",
+        "secure_aggregation",
+        "hardware",
+        "trainer",
+    }
     conf = composed(f"{group}={option}")
     if conf.hardware.accelerator == "gpu":  # the GPU options are checked as if one GPU were present
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
