@@ -53,3 +53,18 @@ def test_speed_quick_times_every_path_and_both_engines_side_by_side(tmp_path):
     assert [row["clients"] for row in result["scale"]["rows"]] == [4, 8]
     assert set(result["accuracy"]) == {"rounds", "opacus", "vectorized"} and result["profile_opacus_round"]
     assert (tmp_path / "speed.md").read_text().startswith("Device: ") and (tmp_path / "speed.png").exists()
+
+
+def test_secure_aggregation_quick_reports_bytes_and_seconds(tmp_path):
+    result = bench("secure_aggregation.py", tmp_path / "secagg.json", "--quick")
+    assert [r["clients"] for r in result["rows"]] == [10, 30]
+    for row in result["rows"]:
+        assert row["bytes_per_client"] > row["plain_bytes_per_client"] and row["max_abs_error"] < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_user_level_quick_fills_every_epsilon_and_the_no_dp_cell(tmp_path):
+    result = bench("user_level.py", tmp_path / "user.json", "--quick")
+    assert [c["target_epsilon"] for c in result["cells"]] == [1.0, 3.0, 8.0, None]
+    assert all(c["user_epsilon"] <= c["target_epsilon"] for c in result["cells"][:3])
+    assert result["cells"][-1]["user_epsilon"] is None and result["table"][-1].startswith("| no DP")
