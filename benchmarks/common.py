@@ -1,8 +1,11 @@
-"""What the benchmarks share: a quiet Trainer that times each round's training."""
+"""What the benchmarks share: a quiet Trainer that times each round's training, saving results, plotting."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -54,3 +57,37 @@ def synchronize(device: str) -> None:
     """Waits for the GPU's queued work, so that a timer reads what it ran."""
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def save_json(path: Path, payload: dict[str, Any]) -> None:
+    """Writes ``payload`` as indented JSON to ``path`` (its folder made), and says where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    print(f"saved {path}")
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or ``None`` (said once) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lays out and writes a matplotlib figure, and says where."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"saved {path}")
+
+
+def machine_info() -> dict[str, str]:
+    """Where a benchmark ran: platform, processor and torch version."""
+    import platform
+
+    return {"machine": platform.platform(), "processor": platform.processor(), "torch": torch.__version__}

@@ -18,6 +18,8 @@ import time
 import warnings
 from pathlib import Path
 
+from common import pyplot, save_figure, save_json  # benchmarks/ is on sys.path when a benchmark runs as a script
+
 EXAMPLES_PER_CLIENT, BATCH = 60, 30
 
 
@@ -93,7 +95,6 @@ def main() -> None:
     print(f"{'processes':>9} {'s/round':>8}")
     for r in by_processes:
         print(f"{r['processes']:9d} {r['seconds_per_round'][-1]:8.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "scale_clients",
         "examples_per_client": EXAMPLES_PER_CLIENT,
@@ -102,15 +103,9 @@ def main() -> None:
         "rows": rows,
         "by_processes_at_largest_client_count": by_processes,
     }
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"saved {args.out}")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    save_json(args.out, result)
+    plt = pyplot()
+    if plt is None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     counts = [r["clients"] for r in rows]
@@ -118,9 +113,7 @@ def main() -> None:
     left.set(xlabel="clients", ylabel="seconds per round", title="time (2 steps per client)")
     right.semilogx(counts, [r["peak_rss_mb"] for r in rows], "o-")
     right.set(xlabel="clients", ylabel="peak RSS (MB)", title="memory")
-    fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=100)
-    print(f"saved {args.out.with_suffix('.png')}")
+    save_figure(fig, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -10,12 +10,17 @@ ends at the target epsilon). Prints a markdown table, saves JSON and, with matpl
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+from common import (  # benchmarks/ is on sys.path when a benchmark runs as a script
+    machine_info,
+    pyplot,
+    save_figure,
+    save_json,
+)
 
 PARTITIONS = {
     "IID": ["client.partition=iid"],
@@ -31,7 +36,6 @@ ALGORITHMS = {
 
 
 def main() -> None:
-    import torch
 
     from fl_dp_lightning.cli import compose_overrides, run
 
@@ -75,15 +79,10 @@ def main() -> None:
         row = [f"{c['test_acc'] * 100:.1f} %" for c in cells if c["partition"] == partition]
         table.append(f"| {partition} | " + " | ".join(row) + " |")
     print("\n".join(table))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"rounds": rounds, "target_epsilon": args.epsilon, "clients": 10, "batch_size": 64, "delta": 1e-5}
-    machine = {"machine": platform.platform(), "processor": platform.processor(), "torch": torch.__version__}
-    args.out.write_text(json.dumps({**machine, "settings": settings, "cells": cells, "table": table}, indent=2))
-    print(f"saved {args.out}")
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    save_json(args.out, {**machine_info(), "settings": settings, "cells": cells, "table": table})
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(ALGORITHMS)
@@ -94,9 +93,7 @@ def main() -> None:
     ax.set_ylabel(f"test accuracy after {rounds} rounds")
     ax.set_title(f"10 clients, epsilon {args.epsilon} per client (delta 1e-5)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"))
-    print(f"saved {args.out.with_suffix('.png')}")
+    save_figure(fig, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
+from common import machine_info, save_json  # benchmarks/ is on sys.path when a benchmark runs as a script
 
 from fl_dp_lightning.secure_aggregation import SecureRound
 
@@ -77,11 +77,8 @@ def main() -> None:
             f"| {r['max_abs_error']:.1e} |"
         )
     print("\n".join(table))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"parameters": length, "bits": BITS, "scale": SCALE, "threshold": 0.5}
-    machine = {"machine": platform.platform(), "processor": platform.processor(), "python": platform.python_version()}
-    args.out.write_text(json.dumps({**machine, "settings": settings, "rows": rows, "table": table}, indent=2))
-    print(f"saved {args.out}")
+    save_json(args.out, {**machine_info(), "settings": settings, "rows": rows, "table": table})
 
 
 if __name__ == "__main__":

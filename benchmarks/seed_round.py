@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from common import synchronize, timed_fit  # benchmarks/ is on sys.path when a benchmark runs as a script
+from common import save_json, synchronize, timed_fit  # benchmarks/ is on sys.path when a benchmark runs as a script
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 
@@ -96,7 +95,6 @@ def main() -> None:
         print(f"{name:40s} {value:26.2f}")
     print(f"{'speed-up of the strategy':40s} {ratio:25.2f}x")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "seed_round",
         "data": source.origin,
@@ -111,8 +109,7 @@ def main() -> None:
             "python": platform.python_version(),
         },
     }
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"saved {args.out}")
+    save_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gzip
-import json
 import platform
 import shutil
 import statistics
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from common import quiet_trainer, synchronize
+from common import pyplot, quiet_trainer, save_figure, save_json, synchronize
 from lightning.pytorch.callbacks import Callback
 from opacus import PrivacyEngine
 from seed_round import BATCH, CLIP, LR, NOISE, plain_opacus_rounds  # benchmarks/ is on sys.path as a script
@@ -266,7 +265,6 @@ def report(args, origin: str, seed: dict, scale: list, profile: list, accuracy: 
     lines += [f"| {p['op']} | {p['self_cpu_s']:.3f} | {p['share']:.1%} | {p['calls']} |" for p in profile]
     table = "\n".join(lines)
     print("\n" + table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "speed",
         "device": args.device,
@@ -280,20 +278,15 @@ def report(args, origin: str, seed: dict, scale: list, profile: list, accuracy: 
         "accuracy": {"rounds": args.accuracy_rounds, **accuracy},
         "profile_opacus_round": profile,
     }
-    args.out.write_text(json.dumps(result, indent=2))
+    save_json(args.out, result)
     args.out.with_suffix(".md").write_text(table + "\n")
-    print(f"saved {args.out} and {args.out.with_suffix('.md')}")
+    print(f"saved {args.out.with_suffix('.md')}")
     plot(args.out.with_suffix(".png"), name, seed, scale)
 
 
 def plot(path: Path, name: str, seed: dict, scale: list) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     labels = [p.replace("FederatedDPStrategy, ", "").replace(" + PrivacyEngine", "") for p in seed]
@@ -305,9 +298,7 @@ def plot(path: Path, name: str, seed: dict, scale: list) -> None:
     right.set(xlabel="clients", ylabel="seconds per round", title="2 steps per client")
     right.legend()
     fig.suptitle(name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"saved {path}")
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

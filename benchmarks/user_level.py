@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+from common import (  # benchmarks/ is on sys.path when a benchmark runs as a script
+    machine_info,
+    pyplot,
+    save_figure,
+    save_json,
+)
+
 
 def main() -> None:
-    import torch
 
     from fl_dp_lightning.cli import compose_overrides, run
 
@@ -79,15 +84,10 @@ def main() -> None:
         noise = "-" if c["noise_multiplier"] is None else f"{c['noise_multiplier']:.3f}"
         table.append(f"| {label} | {noise} | {c['test_acc'] * 100:.1f} % |")
     print("\n".join(table))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"rounds": rounds, "clients": clients, "clip": args.clip, "batch_size": 16, "partition": "dirichlet 0.5"}
-    machine = {"machine": platform.platform(), "processor": platform.processor(), "torch": torch.__version__}
-    args.out.write_text(json.dumps({**machine, "settings": settings, "cells": cells, "table": table}, indent=2))
-    print(f"saved {args.out}")
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    save_json(args.out, {**machine_info(), "settings": settings, "cells": cells, "table": table})
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     private = [c for c in cells if c["target_epsilon"] is not None]
@@ -95,9 +95,7 @@ def main() -> None:
     ax.axhline(cells[-1]["test_acc"], linestyle="--", color="gray", label="no DP")
     ax.set(xlabel="user-level epsilon", ylabel=f"test accuracy after {rounds} rounds", title=f"{clients} clients")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"))
-    print(f"saved {args.out.with_suffix('.png')}")
+    save_figure(fig, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -168,3 +168,22 @@ def test_train_py_logs_the_user_level_epsilon_beside_the_record_level_ones(tmp_p
     )
     expected = direct.compose(dp_accounting.GaussianDpEvent(1.0), 2).get_epsilon(1e-5)  # both clients every round
     assert results["user_epsilon"] == pytest.approx(expected, rel=1e-6)  # Poisson at q = 1 is the plain Gaussian
+
+
+def test_a_user_level_target_is_reached_with_a_server_optimizer_stepping_after_the_noise(synthetic):
+    from fl_dp_lightning.config import ServerConfig
+
+    pl.seed_everything(0)
+    datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=12, batch_size=20)
+    user = UserPrivacyConfig(enabled=True, target_epsilon=2.0, clip=0.2)
+    strategy = FederatedDPStrategy(
+        privacy=OFF,
+        user_privacy=user,
+        client_fraction=0.5,
+        client_sampling="poisson",
+        server=ServerConfig(optimizer="fedavgm", momentum=0.5),
+    )
+    make_trainer(strategy, 3).fit(small_classifier(), datamodule)
+    assert 0.99 * 2.0 <= strategy.user_level.epsilon() <= 2.0
+    assert strategy.user_level.noise_multiplier != user.noise_multiplier
+    assert strategy.server_state and all(k.startswith("m.") for k in strategy.server_state)  # FedAvgM's momentum
