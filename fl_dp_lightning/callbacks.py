@@ -100,6 +100,8 @@ class FederatedLogger(Callback):
         """The metrics of the round that just ended."""
         strategy = federated_strategy(trainer)
         metrics = {f"train/{k}/{r.client}": v for r in strategy.last_round for k, v in r.metrics.items()}
+        for client, values in strategy.evaluate_clients().items():
+            metrics.update({f"holdout/{k}/{client}": v for k, v in values.items()})
         if strategy.privacy.enabled and strategy.privacy.poisson_sampling:
             epsilons = strategy.epsilons()
             metrics.update({f"privacy/epsilon/{name}": eps for name, eps in epsilons.items()})

@@ -157,6 +157,11 @@ class ClientConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     """Per-client settings by name, e.g. ``+client.overrides.alice.batch_size=64``; each client's accountant
     uses its own settings, and the privacy report lists them."""
+    holdout_fraction: float = 0.0
+    """Fraction of each client's records kept out of training to evaluate the global model on that client's own
+    data after each round (``holdout/<metric>/<client>``, from the module's ``validation_step``), in [0, 1). These
+    metrics come from private records without noise: released only without DP or under
+    ``privacy.unsafe_release_training_metrics``."""
     proximal_mu: float = 0.0
     """FedProx's mu (Li et al. 2020): each client's objective adds ``mu / 2 * ||w - w_global||^2``; 0 is FedAvg.
     Unitless, >= 0. Under DP its gradient joins the noised update, costing no privacy."""
@@ -192,6 +197,7 @@ class ClientConfig:
             0 <= self.quantity_sigma < math.inf, "client.quantity_sigma", self.quantity_sigma, "must be >= 0 and finite"
         )
         require(0 <= self.proximal_mu < math.inf, "client.proximal_mu", self.proximal_mu, "must be >= 0 and finite")
+        require(0 <= self.holdout_fraction < 1, "client.holdout_fraction", self.holdout_fraction, "must be in [0, 1)")
         require(
             all(isinstance(n, str) and n.strip() and n == n.strip() for n in self.names),
             "client.names",

@@ -13,6 +13,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 from fl_dp_lightning.config import ClientConfig, ConfigError, DataConfig
 from fl_dp_lightning.data.partition import (
     dirichlet_partition,
+    holdout_split,
     iid_partition,
     quantity_skew_partition,
     shard_partition,
@@ -27,7 +28,7 @@ class ClientDatasets:
     batch holds (Poisson sampling), because the privacy accounting depends on it.
     """
 
-    def __init__(self, datasets: Mapping[str, Dataset], batch_size: int):
+    def __init__(self, datasets: Mapping[str, Dataset], batch_size: int, holdouts: Mapping[str, Dataset] | None = None):
         if not datasets:
             raise ConfigError("ClientDatasets needs at least one client")
         if batch_size < 1:
@@ -40,6 +41,8 @@ class ClientDatasets:
             )
         self.datasets = dict(datasets)
         self.batch_size = batch_size
+        self.holdouts = dict(holdouts or {})
+        """Each client's held-out records, to evaluate the global model on (none unless asked for)."""
 
     def __iter__(self) -> Iterator:
         raise TypeError(
@@ -101,6 +104,7 @@ class FederatedDataModule(pl.LightningDataModule):
         shards_per_client: int = 2,
         quantity_sigma: float = 1.0,
         drop_small_clients: bool = False,
+        holdout_fraction: float = 0.0,
         batch_size: int = 128,
         eval_batch_size: int = 1024,
         root: str = "data",
@@ -122,13 +126,14 @@ class FederatedDataModule(pl.LightningDataModule):
             dirichlet_alpha=dirichlet_alpha,
             shards_per_client=shards_per_client,
             quantity_sigma=quantity_sigma,
+            holdout_fraction=holdout_fraction,
         )
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}: must be >= 1")
         # settings live in attributes, not in hparams: LightningCLI and subclasses replace hparams
         self.source, self.partition, self.dirichlet_alpha = source, partition, dirichlet_alpha
         self.shards_per_client, self.quantity_sigma = shards_per_client, quantity_sigma
-        self.drop_small_clients = drop_small_clients
+        self.drop_small_clients, self.holdout_fraction = drop_small_clients, holdout_fraction
         self.batch_size, self.eval_batch_size, self.root = batch_size, eval_batch_size, root
         self.seed, self.synthetic_sizes = seed, tuple(synthetic_sizes)
         self.save_hyperparameters(ignore=["train", "test", "clients"])  # for the loggers
@@ -136,6 +141,7 @@ class FederatedDataModule(pl.LightningDataModule):
         self.client_names = names
         self._given = (train, test) if train is not None else None
         self.client_datasets: dict[str, Dataset] = {}
+        self.client_holdouts: dict[str, Dataset] = {}
         self.test_set: Dataset | None = None
         self.data_origin: str | None = None
 
@@ -158,6 +164,7 @@ class FederatedDataModule(pl.LightningDataModule):
             shards_per_client=client.shards_per_client,
             quantity_sigma=client.quantity_sigma,
             drop_small_clients=client.drop_small,
+            holdout_fraction=client.holdout_fraction,
             batch_size=batch_size,
             eval_batch_size=data.eval_batch_size,
             root=data.root,
@@ -186,11 +193,20 @@ class FederatedDataModule(pl.LightningDataModule):
             self.client_datasets = dict(train)
         else:
             self.client_datasets = split_among_clients(train, self.client_names, self._shares(train))
+        if self.holdout_fraction:
+            self._hold_out()
         if self.drop_small_clients:
             self._drop_small_clients()
         self.data_origin = origin
         self.hparams["data_origin"] = origin
         rank_zero_info(f"Data: {origin}; {describe_sizes(self.client_sizes())}; test examples {len(self.test_set)}")
+
+    def _hold_out(self) -> None:
+        """Keeps ``holdout_fraction`` of each client's records out of its training set, seeded per client."""
+        for index, (name, dataset) in enumerate(list(self.client_datasets.items())):
+            parts = holdout_split(len(dataset), self.holdout_fraction, self.seed * 7919 + index)
+            kept, held = split_among_clients(dataset, ["train", "holdout"], parts).values()
+            self.client_datasets[name], self.client_holdouts[name] = kept, held
 
     def _drop_small_clients(self) -> None:
         """Leaves out the clients holding fewer records than the batch size (logged); refuses if none is left."""
@@ -202,6 +218,7 @@ class FederatedDataModule(pl.LightningDataModule):
             )
         for name in small:
             del self.client_datasets[name]
+            self.client_holdouts.pop(name, None)
         self.client_names = list(self.client_datasets)
         if small:
             rank_zero_info(f"client.drop_small: left out {len(small)} clients below the batch size: {small[:20]}")
@@ -240,7 +257,7 @@ class FederatedDataModule(pl.LightningDataModule):
         return dirichlet_partition(labels, n, self.dirichlet_alpha, self.seed)
 
     def train_dataloader(self) -> ClientDatasets:
-        return ClientDatasets(self.client_datasets, self.batch_size)
+        return ClientDatasets(self.client_datasets, self.batch_size, self.client_holdouts)
 
     def val_dataloader(self) -> DataLoader:
         return eval_loader(self.test_set, self.eval_batch_size)

@@ -75,3 +75,11 @@ def quantity_skew_partition(num_examples: int, num_clients: int, sigma: float, s
     sizes[np.argsort(-weights)[: num_examples - sizes.sum()]] += 1  # hand out the rounding remainder
     order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed))
     return list(torch.split(order, sizes.tolist()))
+
+
+def holdout_split(num_examples: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """A seeded split of ``range(num_examples)`` into (train, holdout) indices, the holdout ``round(fraction * n)``
+    records (at least one when ``fraction`` > 0, and never all)."""
+    size = min(num_examples - 1, max(1, round(fraction * num_examples))) if fraction > 0 else 0
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed))
+    return order[size:].sort().values, order[:size].sort().values

@@ -49,6 +49,7 @@ from fl_dp_lightning.config import (
     UserPrivacyConfig,
 )
 from fl_dp_lightning.data.datamodule import ClientDatasets
+from fl_dp_lightning.evaluation import evaluate_on
 from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
 from fl_dp_lightning.privacy.layers import fix_layers, unsupported_layers
 from fl_dp_lightning.privacy.probe import check_sensitivity
@@ -137,6 +138,8 @@ class FederatedRounds(ResumableRounds):
         self.seed = seed
         self.log_rounds = log_rounds
         self.clients: dict[str, ClientState] = {}
+        self.holdouts: dict[str, Any] = {}
+        self._holdout_batch_size = 1
         self.last_round: list[ClientReport] = []
         self._dp_optimizer: DPOptimizer | None = None
         self._grad_sample_module: GradSampleModule | None = None
@@ -329,6 +332,7 @@ class FederatedRounds(ResumableRounds):
             return
         for weakness in self.privacy.weakened_by():
             warnings.warn(f"the privacy guarantee is weakened by {weakness}", stacklevel=2)
+        self.holdouts, self._holdout_batch_size = data.holdouts, data.batch_size
         # the vectorized engine keeps its own copy of the data on the device
         datasets = data.datasets if self.vectorized else on_device(data.datasets, self.root_device)
         self.clients = {
@@ -741,6 +745,18 @@ class FederatedRounds(ResumableRounds):
         }
         mean = self.user_level.release(summed)
         return {**template, **{k: (template[k].double() + mean[k]).to(template[k].dtype) for k in mean}}
+
+    def evaluate_clients(self) -> dict[str, dict[str, float]]:
+        """The global model's metrics on each client's held-out records (``client.holdout_fraction``), from the
+        module's ``validation_step``; computed only where they may be released (no DP, or
+        ``privacy.unsafe_release_training_metrics``): they come from private records without noise."""
+        if not self.holdouts or (self.privacy.enabled and not self.privacy.unsafe_release_training_metrics):
+            return {}
+        batch = self._holdout_batch_size
+        return {
+            name: evaluate_on(self.lightning_module, dataset, batch_size=batch, to_device=self.batch_to_device)
+            for name, dataset in self.holdouts.items()
+        }
 
     @property
     def current_client(self) -> str | None:
