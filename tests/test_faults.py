@@ -47,9 +47,9 @@ def test_a_client_that_raises_is_dropped_the_round_reweighted_and_its_privacy_co
     added = []
     real_add = RunningAverage.add
 
-    def record(self, state, weight):
+    def record(self, state, weight, client=None):
         added.append(({k: v.detach().clone() for k, v in state.items()}, weight))
-        real_add(self, state, weight)
+        real_add(self, state, weight, client)
 
     monkeypatch.setattr(RunningAverage, "add", record)
     module = FailsFor("b")
