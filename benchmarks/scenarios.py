@@ -61,7 +61,7 @@ def main() -> None:
     for partition, p_args in PARTITIONS.items():
         for algorithm, a_args in ALGORITHMS.items():
             start = time.perf_counter()
-            with tempfile.TemporaryDirectory() as run_dir:
+            with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as run_dir:
                 results = run(compose_overrides([*common, *p_args, *a_args]), run_dir)
             cells.append(
                 {

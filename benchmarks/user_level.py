@@ -59,7 +59,7 @@ def main() -> None:
             else []
         )
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as run_dir:
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as run_dir:
             results = run(compose_overrides([*common, *user]), run_dir)
             report = json.loads((Path(run_dir) / "privacy_report.json").read_text())
         cells.append(
