@@ -228,8 +228,10 @@ def main(cfg: DictConfig, run_dir: str | Path | None = None) -> None:
         run_dir = HydraConfig.get().runtime.output_dir
     try:
         results = run(cfg, run_dir)
-    except ConfigError as err:
-        fail(err)
+    except Exception as err:
+        if not any(isinstance(e, ConfigError) for e in causes(err)):
+            raise
+        fail(err)  # also a refusal raised inside Hydra's instantiate (a model's own check)
     if rank_zero_only.rank == 0:
         print(json.dumps(results, indent=2))
 
@@ -240,14 +242,20 @@ def fail(err: BaseException) -> NoReturn:
     sys.exit(2)
 
 
-def describe(err: BaseException) -> str:
-    """One line naming the key (or file) and what is wrong, from our errors, Hydra's and OmegaConf's."""
-    from hydra.errors import MissingConfigException, OverrideParseException
-
+def causes(err: BaseException) -> list[BaseException]:
+    """``err`` and what caused it, outermost first."""
     chain, cause = [], err
     while cause is not None and cause not in chain:
         chain.append(cause)
         cause = cause.__cause__ or cause.__context__
+    return chain
+
+
+def describe(err: BaseException) -> str:
+    """One line naming the key (or file) and what is wrong, from our errors, Hydra's and OmegaConf's."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    chain = causes(err)
     for e in chain:
         if isinstance(e, ConfigError):
             return " ".join(str(e).split())

@@ -13,19 +13,31 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from fl_dp_lightning.config import ConfigError
 
-def seed_cnn(num_classes: int = 10) -> nn.Sequential:
-    """The CNN of the PySyft + Opacus tutorial, for 1x28x28 inputs (26,010 parameters with 10 classes)."""
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+"""The seed CNN's activations: ``tanh`` is the tempered sigmoid of Papernot et al. (2021), bounded, which keeps
+activations (and so per-example gradients) from exploding under DP-SGD's clipping."""
+
+
+def seed_cnn(num_classes: int = 10, activation: str = "relu") -> nn.Sequential:
+    """The CNN of the PySyft + Opacus tutorial, for 1x28x28 inputs (26,010 parameters with 10 classes).
+
+    Args:
+        num_classes: output classes.
+        activation: ``relu`` (the seed's) or ``tanh`` (tempered sigmoid).
+    """
+    act = ACTIVATIONS[activation]
     return nn.Sequential(
         nn.Conv2d(1, 16, 8, stride=2, padding=3),
-        nn.ReLU(),
+        act(),
         nn.MaxPool2d(2, 1),
         nn.Conv2d(16, 32, 4, stride=2),
-        nn.ReLU(),
+        act(),
         nn.MaxPool2d(2, 1),
         nn.Flatten(),
         nn.Linear(32 * 4 * 4, 32),
-        nn.ReLU(),
+        act(),
         nn.Linear(32, num_classes),
     )
 
@@ -72,12 +84,23 @@ class LitClassifier(pl.LightningModule):
         num_classes: number of classes.
         lr: SGD learning rate.
         momentum: SGD momentum.
+        activation: the seed CNN's activation when ``net`` is ``None``: ``relu`` or ``tanh``.
     """
 
-    def __init__(self, net: nn.Module | None = None, *, num_classes: int = 10, lr: float = 0.1, momentum: float = 0.0):
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        *,
+        num_classes: int = 10,
+        lr: float = 0.1,
+        momentum: float = 0.0,
+        activation: str = "relu",
+    ):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"model.activation={activation!r}: choose one of {tuple(ACTIVATIONS)}")
         self.save_hyperparameters(ignore=["net"])
-        self.net = net if net is not None else seed_cnn(num_classes)
+        self.net = net if net is not None else seed_cnn(num_classes, activation)
         self.loss = nn.CrossEntropyLoss()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

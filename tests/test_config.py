@@ -50,6 +50,7 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path, monkeyp
         "engine",
         "user_privacy",
         "secure_aggregation",
+        "model",
         "hardware",
         "trainer",
     }
