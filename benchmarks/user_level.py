@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     parser.add_argument("--clip", type=float, default=0.1, help="the clip norm of a client's update")
+    parser.add_argument("--adaptive", action="store_true", help="adaptive clipping, starting from --clip")
     parser.add_argument("--quick", action="store_true", help="synthetic data, 20 clients, 2 rounds: the outputs' form")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "user_level.json")
     args = parser.parse_args()
@@ -54,7 +55,11 @@ def main() -> None:
     cells = []
     for epsilon in [*args.epsilons, None]:
         user = (
-            ["user_privacy=dpfedavg", f"user_privacy.target_epsilon={epsilon}", f"user_privacy.clip={args.clip}"]
+            [
+                f"user_privacy={'adaptive' if args.adaptive else 'dpfedavg'}",
+                f"user_privacy.target_epsilon={epsilon}",
+                f"user_privacy.clip={args.clip}",
+            ]
             if epsilon is not None
             else []
         )
@@ -84,7 +89,8 @@ def main() -> None:
         noise = "-" if c["noise_multiplier"] is None else f"{c['noise_multiplier']:.3f}"
         table.append(f"| {label} | {noise} | {c['test_acc'] * 100:.1f} % |")
     print("\n".join(table))
-    settings = {"rounds": rounds, "clients": clients, "clip": args.clip, "batch_size": 16, "partition": "dirichlet 0.5"}
+    settings = {"rounds": rounds, "clients": clients, "clip": args.clip, "adaptive_clipping": args.adaptive}
+    settings.update({"batch_size": 16, "partition": "dirichlet 0.5"})
     save_json(args.out, {**machine_info(), "settings": settings, "cells": cells, "table": table})
     plt = pyplot()
     if plt is None:
