@@ -435,7 +435,8 @@ class UserPrivacyConfig:
     """Adaptive clipping: step of the geometric clip update (unitless, > 0)."""
     count_noise: float | None = None
     """Adaptive clipping: standard deviation of the noise on the count of clients that fitted under the clip
-    (clients); ``null``: expected clients per round / 20, as the paper recommends."""
+    (clients); ``null``: the larger of expected clients per round / 20 (the paper's choice) and the noise
+    multiplier, so that the count never takes more than a quarter of the noise budget."""
 
     def __post_init__(self) -> None:
         require(

@@ -57,12 +57,18 @@ class UserLevelDP:
         self.accountant = make_user_accountant(config.accountant)
         self.noise_multiplier = config.noise_multiplier
         self.clip = config.clip
-        self.count_std = config.count_noise or self.expected_clients / 20
         self.seeded = seeded
         self.generator = stream_generator(seeded=seeded, seed=seed, index=0, stream=SERVER_STREAM, device=device)
         self.fitted = 0
         if config.adaptive_clipping:
             self.update_noise()  # refuses a count noise that leaves nothing for the updates
+
+    @property
+    def count_std(self) -> float:
+        """Standard deviation of the noise on the clipped count: ``user_privacy.count_noise``, else the larger of
+        the paper's expected clients / 20 and the noise multiplier (then the count takes at most a quarter of the
+        noise budget: the updates' multiplier stays within 1.155 z)."""
+        return self.config.count_noise or max(self.expected_clients / 20, self.noise_multiplier)
 
     def update_noise(self) -> float:
         """The noise multiplier of the updates: all of it, or what the count query leaves (adaptive clipping)."""
