@@ -63,7 +63,7 @@ def epsilon_text(strategy: Any, epsilon: float | None) -> str:
     """How a per-round line shows a client's epsilon, with what it is worth."""
     privacy = strategy.privacy
     if not privacy.enabled:
-        return "no record-level DP" if getattr(strategy, "user_level", None) is not None else "no DP"
+        return "no record-level DP" if strategy.user_level is not None else "no DP"
     if epsilon is None:
         return "ε not proven (privacy.poisson_sampling=false)"
     text = f"ε = {epsilon:.2f} (δ = {privacy.delta:g})"

@@ -124,7 +124,8 @@ def neighbours(count: int, degree: int | None, seed: int) -> list[set[int]]:
     return [{int(order[(position[i] + step) % count]) for step in range(-half, half + 1) if step} for i in range(count)]
 
 
-def _pair_seed(shared: int, a: int, b: int) -> bytes:
+def pair_seed(shared: int, a: int, b: int) -> bytes:
+    """The mask seed of clients ``a`` and ``b`` from their Diffie-Hellman shared secret."""
     return hashlib.sha256(shared.to_bytes(256, "big") + f"{min(a, b)}:{max(a, b)}".encode()).digest()
 
 
@@ -145,7 +146,7 @@ class Client:
         """Its encoded update plus its self mask and its pairwise masks (+ for higher neighbours, - for lower)."""
         masked = encoded + prg(self.self_seed.to_bytes(32, "big"), len(encoded), bits)
         for other in graph[self.index]:
-            seed = _pair_seed(pow(public_keys[other], self.secret_key, DH_PRIME), self.index, other)
+            seed = pair_seed(pow(public_keys[other], self.secret_key, DH_PRIME), self.index, other)
             pad = prg(seed, len(encoded), bits)
             masked = masked + pad if other > self.index else masked - pad
         return masked & _mask(bits)
@@ -203,7 +204,7 @@ class SecureRound:
                 total = total - prg(secret.to_bytes(32, "big"), length, bits)
                 continue
             for other in self.graph[index] & alive:  # the dropped client's masks still sit in the survivors'
-                seed = _pair_seed(pow(self.public_keys[other], secret, DH_PRIME), index, other)
+                seed = pair_seed(pow(self.public_keys[other], secret, DH_PRIME), index, other)
                 pad = prg(seed, length, bits)
                 total = total + pad if other > index else total - pad  # the survivor added -pad if other > index
         return decode(total & _mask(bits), scale=self.scale, bits=bits)

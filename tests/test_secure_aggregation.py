@@ -14,7 +14,17 @@ import torch
 
 from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrategy, PrivacyConfig
 from fl_dp_lightning.config import SecureAggregationConfig, UserPrivacyConfig
-from fl_dp_lightning.secure_aggregation import SecureRound, decode, encode, neighbours, shamir_combine, shamir_split
+from fl_dp_lightning.secure_aggregation import (
+    DH_PRIME,
+    SecureRound,
+    decode,
+    encode,
+    neighbours,
+    pair_seed,
+    prg,
+    shamir_combine,
+    shamir_split,
+)
 
 from .conftest import make_trainer
 from .test_faults import FailsFor
@@ -119,3 +129,26 @@ def test_a_client_that_fails_after_masking_is_recovered_as_a_dropout(synthetic):
     assert [f["client"] for f in strategy.faults] == ["b"]
     for key, value in weights(plain).items():
         torch.testing.assert_close(weights(secure)[key], value, atol=1e-4, rtol=0)
+
+
+def test_a_server_that_lies_about_a_dropout_still_cannot_read_that_clients_update():
+    # the attack double masking stops: client 0 sent its masked update, the server claims it dropped, the
+    # survivors reveal client 0's DH secret, and the server strips client 0's pairwise masks from what it received
+    rng = np.random.default_rng(6)
+    update = rng.normal(0, 3, 20_000)
+    round_ = SecureRound(4, bits=BITS, scale=SCALE, threshold=0.5, degree=None, seed=0)
+    sent = round_.clients[0].mask(
+        encode(update, scale=SCALE, bits=BITS, clients=4), round_.public_keys, round_.graph, BITS
+    )
+    key = shamir_combine({h: round_.clients[h].held["key"][0][h] for h in (1, 2, 3)}, round_.thresholds[0])
+    stripped = sent.copy()
+    for other in round_.graph[0]:
+        pad = prg(pair_seed(pow(round_.public_keys[other], key, DH_PRIME), 0, other), len(update), BITS)
+        stripped = stripped - pad if other > 0 else stripped + pad
+    leaked = decode(stripped, scale=SCALE, bits=BITS)
+    assert abs(np.corrcoef(leaked, update)[0, 1]) < 5 / math.sqrt(len(update))  # the self mask still hides it
+    # control: only with the self-mask seed too, which no honest survivor reveals for a client it was told dropped,
+    # does the update come out
+    seed = shamir_combine({h: round_.clients[h].held["self"][0][h] for h in (1, 2, 3)}, round_.thresholds[0])
+    revealed = decode(stripped - prg(seed.to_bytes(32, "big"), len(update), BITS), scale=SCALE, bits=BITS)
+    assert np.abs(revealed - update).max() <= 0.5 / SCALE
