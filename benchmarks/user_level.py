@@ -28,6 +28,7 @@ from common import (  # benchmarks/ is on sys.path when a benchmark runs as a sc
 def main() -> None:
 
     from fl_dp_lightning.cli import compose_overrides, run
+    from fl_dp_lightning.config import ConfigError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
@@ -65,13 +66,19 @@ def main() -> None:
         )
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as run_dir:
-            results = run(compose_overrides([*common, *user]), run_dir)
+            try:
+                results = run(compose_overrides([*common, *user]), run_dir)
+            except ConfigError as err:  # the noised model diverged: a result of this cell, not of the benchmark
+                cells.append({"target_epsilon": epsilon, "diverged": str(err), "test_acc": None})
+                print(f"epsilon {epsilon}: {err}", flush=True)
+                continue
             report = json.loads((Path(run_dir) / "privacy_report.json").read_text())
         cells.append(
             {
                 "target_epsilon": epsilon,
                 "user_epsilon": results["user_epsilon"],
                 "noise_multiplier": None if report["user_level"] is None else report["user_level"]["noise_multiplier"],
+                "clip": None if report["user_level"] is None else report["user_level"]["clip"],
                 "clients": len(report["clients"]),
                 "test_acc": results["test"]["test/acc"],
                 "seconds": time.perf_counter() - start,
@@ -85,6 +92,9 @@ def main() -> None:
         "|---|---|---|",
     ]
     for c in cells:
+        if c["test_acc"] is None:
+            table.append(f"| {c['target_epsilon']:g} | - | diverged |")
+            continue
         label = "no DP" if c["target_epsilon"] is None else f"{c['user_epsilon']:.2f}"
         noise = "-" if c["noise_multiplier"] is None else f"{c['noise_multiplier']:.3f}"
         table.append(f"| {label} | {noise} | {c['test_acc'] * 100:.1f} % |")
@@ -96,7 +106,7 @@ def main() -> None:
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    private = [c for c in cells if c["target_epsilon"] is not None]
+    private = [c for c in cells if c["target_epsilon"] is not None and c["test_acc"] is not None]
     ax.semilogx([c["user_epsilon"] for c in private], [c["test_acc"] for c in private], "o-", label="DP-FedAvg")
     ax.axhline(cells[-1]["test_acc"], linestyle="--", color="gray", label="no DP")
     ax.set(xlabel="user-level epsilon", ylabel=f"test accuracy after {rounds} rounds", title=f"{clients} clients")
