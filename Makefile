@@ -18,7 +18,6 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
 	$(PY) benchmarks/seed_round.py
 	$(PY) benchmarks/speed.py --compile
 	$(PY) benchmarks/scale_clients.py

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     (out / "sweep.json").write_text(json.dumps(rows, indent=2))
     print(table)
     drawn = draw(rows, out / "sweep.png")
-    picture = f", {out / 'sweep.png'}" if drawn else " (no plot: pip install matplotlib)"
+    picture = f", {out / 'sweep.png'}" if drawn else " (no plot: pip install 'fl_dp_lightning[plot]')"
     print(f"saved {out / 'sweep.md'}, {out / 'sweep.json'}{picture}")
 
 

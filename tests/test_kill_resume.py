@@ -58,8 +58,7 @@ def test_a_train_py_run_killed_in_round_3_resumes_from_round_2_to_the_same_epsil
     while saved_round(checkpoint) != 2:  # atomic writes: a checkpoint is either absent or whole
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before round 2's checkpoint"
         time.sleep(0.05)
-    time.sleep(0.2)  # into round 3 (which takes seconds: 2 x 187 steps)
-    process.send_signal(sig)
+    process.send_signal(sig)  # as round 3 starts (it takes seconds: 2 x 187 steps)
     process.wait(timeout=120)
     assert saved_round(checkpoint) == 2  # killed before round 3 ended, round 2's checkpoint intact
     assert not (run_dir / "results.json").exists()
