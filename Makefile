@@ -22,6 +22,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/speed.py --compile
 	$(PY) benchmarks/scale_clients.py
 	$(PY) benchmarks/scenarios.py
+	$(PY) benchmarks/user_level.py
+	$(PY) benchmarks/user_level.py --adaptive --clip 0.3 --out benchmarks/results/user_level_adaptive.json
+	$(PY) benchmarks/secure_aggregation.py
+	$(PY) benchmarks/grad_sample_modes.py
 
 bench-gpu: $(STAMP)  ## the speed benchmark on the first CUDA device
 	$(PY) benchmarks/speed.py --device cuda --compile --out benchmarks/results/speed_cuda.json
@@ -31,6 +35,9 @@ bench-quick: $(STAMP)  ## every benchmark on small synthetic data: checks they r
 	$(PY) benchmarks/speed.py --quick --out /tmp/fl_dp_bench/speed.json
 	$(PY) benchmarks/scale_clients.py --clients 2 10 --rounds 1 --processes 1 --out /tmp/fl_dp_bench/scale_clients.json
 	$(PY) benchmarks/scenarios.py --quick --out /tmp/fl_dp_bench/scenarios.json
+	$(PY) benchmarks/user_level.py --quick --out /tmp/fl_dp_bench/user_level.json
+	$(PY) benchmarks/secure_aggregation.py --quick --out /tmp/fl_dp_bench/secure_aggregation.json
+	$(PY) benchmarks/grad_sample_modes.py --quick --out /tmp/fl_dp_bench/grad_sample_modes.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fl_dp_lightning tests benchmarks examples train.py

@@ -68,3 +68,9 @@ def test_user_level_quick_fills_every_epsilon_and_the_no_dp_cell(tmp_path):
     assert [c["target_epsilon"] for c in result["cells"]] == [1.0, 3.0, 8.0, None]
     assert all(c["user_epsilon"] <= c["target_epsilon"] for c in result["cells"][:3])
     assert result["cells"][-1]["user_epsilon"] is None and result["table"][-1].startswith("| no DP")
+
+
+def test_grad_sample_modes_quick_times_each_mode(tmp_path):
+    result = bench("grad_sample_modes.py", tmp_path / "modes.json", "--quick")
+    assert [(r["mode"], r["batch"]) for r in result["rows"]] == [("hooks", 32), ("functorch", 32), ("ghost", 32)]
+    assert all(r["ms_per_step"] > 0 and r["peak_rss_mb"] > 0 for r in result["rows"])
