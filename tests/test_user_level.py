@@ -99,6 +99,7 @@ def test_a_round_nobody_joins_still_releases_noise_and_is_accounted(synthetic):
     module, strategy = fit(synthetic, user, fraction=1e-4, rounds=2, privacy=seeded)
     assert sum(c.steps_taken for c in strategy.clients.values()) == 0  # nobody trained in either round
     assert strategy.user_level.accountant.history == [(1.0, 1e-4, 2)]
+    assert strategy.user_level.report(guaranteed=True)["not_covered"][0].startswith("which clients took part")
     changed = [not torch.equal(v, before[k]) for k, v in weights(module).items()]
     assert all(changed)  # every parameter moved by the server's noise alone
 

@@ -125,6 +125,7 @@ def format_report(report: Mapping[str, Any]) -> str:
             f"{user['delta']:g} after {user['rounds']} rounds (server noise {user['noise_multiplier']:.3f}, clip "
             f"{user['clip']:.4g}, client sampling rate {user['sample_rate']:.4g}). Guarantee: {user['guarantee']}"
         )
+        lines += [f"Not covered (user-level): {item}" for item in user["not_covered"]]
     lines += [f"Released: {item}" for item in report["released"]]
     lines += [f"Not covered: {item}" for item in report["not_covered"]]
     return "\n".join(lines)

@@ -139,6 +139,13 @@ class UserLevelDP:
             "sample_rate": self.sample_rate,
             "expected_clients": self.expected_clients,
             "rounds": sum(steps for _, _, steps in self.accountant.history),
+            # amplification by client sampling assumes participation stays with the server
+            "not_covered": []
+            if self.sample_rate >= 1
+            else [
+                "which clients took part in each round: the per-client epsilons, steps and round lines show it; "
+                "the user-level epsilon holds only while these stay with the server"
+            ],
             "guarantee": GUARANTEE.format(epsilon=epsilon, delta=self.config.delta)
             if guaranteed
             else "none proven: privacy.unsafe_seeded_randomness makes the server noise a function of trainer.seed",

@@ -238,13 +238,17 @@ class VectorizedClients:
         batches = [c.batch_indices() for c in chunk]
         steps = torch.tensor([c.steps_per_round for c in chunk])
         loss_sums, correct_sums, records = (torch.zeros(count, device=self.device) for _ in range(3))
+        max_norm, batch = self._per_client(chunk, "max_grad_norm"), self._per_client(chunk, "batch_size")
         for step in range(int(steps.max())):
             active = (steps > step).tolist()
             drawn = [next(b) if a else [] for b, a in zip(batches, active)]
-            grads, losses, correct = self._sums(params, frozen, chunk, drawn)
+            grads, losses, correct = self._sums(params, frozen, chunk, drawn, max_norm)
             sizes = torch.tensor([len(b) for b in drawn], device=self.device, dtype=loss_sums.dtype)
             loss_sums, correct_sums, records = loss_sums + losses, correct_sums + correct, records + sizes
-            grads = self._noised(chunk, active, grads) if self.privacy.enabled else self._batch_mean(grads, sizes)
+            if self.privacy.enabled:
+                grads = self._noised(chunk, active, grads, batch)
+            else:
+                grads = self._batch_mean(grads, sizes)
             keep = torch.tensor(active, device=self.device)
             for names, setting in zip(self.groups, settings):
                 for name in names:
@@ -266,13 +270,17 @@ class VectorizedClients:
             yield ClientUpdate(client, {n: p[c] for n, p in params.items()}, metrics)
 
     def _sums(
-        self, params: dict[str, Tensor], frozen: dict[str, Tensor], chunk: list[ClientState], batches: list[list[int]]
+        self,
+        params: dict[str, Tensor],
+        frozen: dict[str, Tensor],
+        chunk: list[ClientState],
+        batches: list[list[int]],
+        max_norm: Tensor,
     ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Each client's (clipped) gradient sum, loss sum and correct count over its batch, ``[C, ...]``: in
         slices of the static width when compiled (sums add up), else in one slice as wide as the longest batch."""
         longest = max(len(b) for b in batches)
         width = self.width or max(1, longest)
-        max_norm = self._per_client(chunk, "max_grad_norm")
         total = None
         for start in range(0, max(1, longest), width):
             x, y, mask = self._gather(chunk, [b[start : start + width] for b in batches], width)
@@ -313,7 +321,9 @@ class VectorizedClients:
         sizes = sizes.clamp(min=1)
         return {name: g / sizes.view(-1, *[1] * (g.dim() - 1)) for name, g in grads.items()}
 
-    def _noised(self, chunk: list[ClientState], active: list[bool], summed: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _noised(
+        self, chunk: list[ClientState], active: list[bool], summed: dict[str, Tensor], batch: Tensor
+    ) -> dict[str, Tensor]:
         """Opacus's noise (from each client's own stream, parameter by parameter in its order) on each active
         client's clipped sum, scaled for the loss reduction; inactive clients' rows are left as they are."""
         out = {}
@@ -325,7 +335,7 @@ class VectorizedClients:
                     rows[c] = rows[c] + _generate_noise(std, rows[c], client.noise_rng, self.privacy.secure_mode)
             out[name] = torch.stack(rows)
         if self.privacy.loss_reduction == "mean":  # Opacus divides by the expected batch size
-            return self._batch_mean(out, self._per_client(chunk, "batch_size"))
+            return self._batch_mean(out, batch)
         return out
 
 
