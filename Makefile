@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/user_level.py --adaptive --clip 0.3 --out benchmarks/results/user_level_adaptive.json
 	$(PY) benchmarks/secure_aggregation.py
 	$(PY) benchmarks/grad_sample_modes.py
+	$(PY) benchmarks/frameworks.py
 
 bench-gpu: $(STAMP)  ## the speed benchmark on the first CUDA device
 	$(PY) benchmarks/speed.py --device cuda --compile --out benchmarks/results/speed_cuda.json
@@ -38,6 +39,7 @@ bench-quick: $(STAMP)  ## every benchmark on small synthetic data: checks they r
 	$(PY) benchmarks/user_level.py --quick --out /tmp/fl_dp_bench/user_level.json
 	$(PY) benchmarks/secure_aggregation.py --quick --out /tmp/fl_dp_bench/secure_aggregation.json
 	$(PY) benchmarks/grad_sample_modes.py --quick --out /tmp/fl_dp_bench/grad_sample_modes.json
+	$(PY) benchmarks/frameworks.py --quick --out /tmp/fl_dp_bench/frameworks.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fl_dp_lightning tests benchmarks examples train.py

@@ -14,15 +14,12 @@ import argparse
 import copy
 import platform
 import statistics
-import time
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from common import save_json, synchronize, timed_fit  # benchmarks/ is on sys.path when a benchmark runs as a script
-from opacus import PrivacyEngine
-from torch.utils.data import DataLoader
+from common import opacus_local_epoch, save_json, timed_fit  # benchmarks/ is on sys.path as a script
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
 from fl_dp_lightning.aggregation import fedavg
@@ -37,22 +34,11 @@ def plain_opacus_rounds(clients: dict, init: torch.nn.Module, rounds: int, devic
     for _ in range(rounds):
         states, sizes = [], []
         for dataset in clients.values():
-            model = copy.deepcopy(global_model)
-            optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-            loader = DataLoader(dataset, batch_size=BATCH)
-            model, optimizer, loader = PrivacyEngine().make_private(
-                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=NOISE, max_grad_norm=CLIP
+            state, _, elapsed = opacus_local_epoch(
+                global_model, dataset, lr=LR, batch=BATCH, noise=NOISE, clip=CLIP, device=device
             )
-            criterion = torch.nn.CrossEntropyLoss()
-            start = time.perf_counter()
-            for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                optimizer.zero_grad()
-                criterion(model(x), y).backward()
-                optimizer.step()
-            synchronize(device)
-            seconds.append(time.perf_counter() - start)
-            states.append(model._module.state_dict())
+            seconds.append(elapsed)
+            states.append(state)
             sizes.append(len(dataset))
         global_model.load_state_dict(fedavg(states, sizes))
     return seconds

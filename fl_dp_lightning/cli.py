@@ -98,10 +98,13 @@ def check_hardware(hardware: HardwareConfig) -> None:
 
 
 class RoundTimer(Callback):
-    """Wall-clock seconds of each round: its training plus the end-of-round validation."""
+    """Wall-clock seconds of each round (its training plus the end-of-round validation), and per round a
+    ``history`` row: the round (1-based), its seconds, the metrics Lightning holds then (under DP only released
+    ones: training-stage logs are withheld before they reach it) and the largest epsilon."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
+        self.history: list[dict[str, float | int | None]] = []
         self._start = 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -109,6 +112,10 @@ class RoundTimer(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.seconds.append(time.perf_counter() - self._start)
+        epsilons = [e for e in getattr(trainer.strategy, "epsilons", dict)().values() if e is not None]
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        row = {"round": trainer.current_epoch + 1, "seconds": self.seconds[-1], **metrics}
+        self.history.append(row | {"epsilon_max": max(epsilons, default=None)})
 
 
 def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, FederatedDataModule]:
@@ -214,6 +221,7 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
         "user_epsilon": None if strategy.user_level is None else strategy.user_level.epsilon(),
         "user_delta": conf.user_privacy.delta if conf.user_privacy.enabled else None,
         "seconds_per_round": timer.seconds,
+        "history": timer.history,
     }
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -74,3 +74,24 @@ def test_grad_sample_modes_quick_times_each_mode(tmp_path):
     result = bench("grad_sample_modes.py", tmp_path / "modes.json", "--quick")
     assert [(r["mode"], r["batch"]) for r in result["rows"]] == [("hooks", 32), ("functorch", 32), ("ghost", 32)]
     assert all(r["ms_per_step"] > 0 and r["peak_rss_mb"] > 0 for r in result["rows"])
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_frameworks_quick_runs_ours_plain_opacus_and_flower_each_in_its_own_process(tmp_path):
+    result = bench("frameworks.py", tmp_path / "frameworks.json", "--quick")
+    rows = result["results"]
+    assert set(rows) == {"ours, engine=opacus", "ours, engine=vectorized", "ours, privacy off",
+                         "plain PyTorch + Opacus", "Flower simulation + Opacus"}  # fmt: skip
+    for name, row in rows.items():
+        assert [r["round"] for r in row["history"]] == [1, 2] and row["end_to_end_seconds"] > 0
+        assert all(0 <= r["val/acc"] <= 1 and r["seconds"] > 0 for r in row["history"])
+        spent = [r["epsilon_max"] for r in row["history"]]
+        assert spent == [None, None] if name == "ours, privacy off" else 0 < spent[0] < spent[1]
+    def epsilons(name):
+        return [r["epsilon_max"] for r in rows[name]["history"]]
+
+    # same split and schedule: both engines spend the same privacy, and so do both references
+    assert epsilons("ours, engine=opacus") == epsilons("ours, engine=vectorized")
+    assert epsilons("plain PyTorch + Opacus") == epsilons("Flower simulation + Opacus")
+    assert result["machine"]["flwr"] and (tmp_path / "frameworks.md").read_text().startswith("| implementation")
+    assert (tmp_path / "frameworks.png").exists()
