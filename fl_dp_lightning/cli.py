@@ -141,6 +141,7 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
         client_overrides=conf.client.overrides,
         on_client_failure=conf.client.on_failure,
         client_time_limit=conf.client.time_limit_s,
+        syft=conf.client.syft if conf.client.runtime == "syft" else None,
         seed=conf.trainer.seed,
     )
     multi = conf.hardware.devices * conf.hardware.num_nodes > 1

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 DATA_SOURCES = ("mnist", "fashion_mnist", "synthetic")
+DATA_FEATURES = ("pixels", "scatternet")
+CLIENT_RUNTIMES = ("local", "syft")
+SYFT_APPROVALS = ("auto", "manual")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity")
 CLIENT_SAMPLINGS = ("uniform", "poisson")
 CLIENT_FAILURES = ("drop", "raise")
@@ -57,6 +60,10 @@ class DataConfig:
     """Training examples of the ``synthetic`` source."""
     synthetic_test_size: int = 500
     """Test examples of the ``synthetic`` source."""
+    features: str = "pixels"
+    """What the model reads: ``pixels`` (the images) or ``scatternet`` (ScatterNet features: a fixed scattering
+    transform of each image alone, 81x7x7 per 28x28 image, computed once when the data loads; needs kymatio;
+    ``model=scatternet`` sets it)."""
 
     def __post_init__(self) -> None:
         require(
@@ -64,6 +71,12 @@ class DataConfig:
             "data.name",
             self.name,
             f"unknown data set; choose one of {DATA_SOURCES}",
+        )
+        require(
+            self.features in DATA_FEATURES,
+            "data.features",
+            self.features,
+            f"unknown features; choose one of {DATA_FEATURES}",
         )
         require(self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, "must be >= 1")
         require(
@@ -122,6 +135,39 @@ def client_override(name: str, value: Any) -> ClientOverride:
 
 
 @dataclass
+class SyftConfig:
+    """Clients as PySyft datasites (``client.runtime=syft``): each client's records stay in its own datasite, which
+    runs each round's DP training as code its owner approved. Needs ``fl_dp_lightning[syft]`` in its own
+    environment (``make syft-test`` builds ``.venv-syft``)."""
+
+    port: int | None = None
+    """First loopback port: client ``i``'s datasite serves HTTP on ``127.0.0.1:port + i`` in its own process;
+    ``null``: the datasites run inside this process."""
+    approval: str = "auto"
+    """How each owner answers the training request: ``auto`` (approved at once: simulation) or ``manual`` (the
+    run waits, up to ``timeout_s``, for the owner to approve or deny it in PySyft)."""
+    approved_rounds: int | None = None
+    """Rounds one approval covers, written into the code the owner approves; after them a new request goes to
+    the owner. ``null``: the whole run."""
+    timeout_s: float = 600.0
+    """Seconds to wait for an owner's answer or for a datasite's round; past it the client is dropped from the
+    round as ``client.on_failure`` says."""
+
+    def __post_init__(self) -> None:
+        require(self.approval in SYFT_APPROVALS, "client.syft.approval", self.approval, f"one of {SYFT_APPROVALS}")
+        require(
+            self.port is None or 1024 <= self.port <= 65000, "client.syft.port", self.port, "in [1024, 65000] or null"
+        )
+        require(
+            self.approved_rounds is None or self.approved_rounds >= 1,
+            "client.syft.approved_rounds",
+            self.approved_rounds,
+            "must be >= 1 (or null: the whole run)",
+        )
+        require(0 < self.timeout_s < math.inf, "client.syft.timeout_s", self.timeout_s, "must be > 0 and finite")
+
+
+@dataclass
 class ClientConfig:
     """The data holders: how many, what they are called, how the data is split and who joins a round."""
 
@@ -165,6 +211,11 @@ class ClientConfig:
     proximal_mu: float = 0.0
     """FedProx's mu (Li et al. 2020): each client's objective adds ``mu / 2 * ||w - w_global||^2``; 0 is FedAvg.
     Unitless, >= 0. Under DP its gradient joins the noised update, costing no privacy."""
+    runtime: str = "local"
+    """Where each client's round runs: ``local`` (in this process) or ``syft`` (in the client's own PySyft
+    datasite, with ``engine=vectorized``'s client round; see ``client.syft``)."""
+    syft: SyftConfig = field(default_factory=SyftConfig)
+    """The datasites of ``runtime=syft``."""
 
     def __post_init__(self) -> None:
         require(self.count >= 1, "client.count", self.count, "need at least one client")
@@ -198,6 +249,7 @@ class ClientConfig:
         )
         require(0 <= self.proximal_mu < math.inf, "client.proximal_mu", self.proximal_mu, "must be >= 0 and finite")
         require(0 <= self.holdout_fraction < 1, "client.holdout_fraction", self.holdout_fraction, "must be in [0, 1)")
+        require(self.runtime in CLIENT_RUNTIMES, "client.runtime", self.runtime, f"choose one of {CLIENT_RUNTIMES}")
         require(
             all(isinstance(n, str) and n.strip() and n == n.strip() for n in self.names),
             "client.names",

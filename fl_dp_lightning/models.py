@@ -42,6 +42,19 @@ def seed_cnn(num_classes: int = 10, activation: str = "relu") -> nn.Sequential:
     )
 
 
+def scatternet_linear(num_classes: int = 10, channels: int = 81, size: int = 7, groups: int = 27) -> nn.Sequential:
+    """GroupNorm and a linear classifier on ScatterNet features (``data.features=scatternet``; Tramer and Boneh
+    2021): 39,700 parameters with the defaults, for the 81x7x7 features of a 28x28 image.
+
+    Args:
+        num_classes: output classes.
+        channels: feature channels (81 for a 1-channel image, J = 2).
+        size: feature height and width (the image's divided by 4).
+        groups: GroupNorm groups (normalizes each record's own features, so DP-SGD's per-record bound holds).
+    """
+    return nn.Sequential(nn.GroupNorm(groups, channels), nn.Flatten(), nn.Linear(channels * size * size, num_classes))
+
+
 class OutOfPlaceBasicBlock(BasicBlock):
     """torchvision's ResNet block with its residual added out of place.
 

@@ -87,6 +87,7 @@ def test_frameworks_quick_runs_ours_plain_opacus_and_flower_each_in_its_own_proc
         assert all(0 <= r["val/acc"] <= 1 and r["seconds"] > 0 for r in row["history"])
         spent = [r["epsilon_max"] for r in row["history"]]
         assert spent == [None, None] if name == "ours, privacy off" else 0 < spent[0] < spent[1]
+
     def epsilons(name):
         return [r["epsilon_max"] for r in rows[name]["history"]]
 

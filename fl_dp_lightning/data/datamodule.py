@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler, Subset, TensorDataset
 
 from fl_dp_lightning.config import ClientConfig, ConfigError, DataConfig
+from fl_dp_lightning.data.features import with_features
 from fl_dp_lightning.data.partition import (
     dirichlet_partition,
     holdout_split,
@@ -110,6 +111,7 @@ class FederatedDataModule(pl.LightningDataModule):
         root: str = "data",
         seed: int = 0,
         synthetic_sizes: tuple[int, int] = (2000, 500),
+        features: str = "pixels",
         train: Dataset | Mapping[str, Dataset] | None = None,
         test: Dataset | None = None,
     ):
@@ -118,7 +120,7 @@ class FederatedDataModule(pl.LightningDataModule):
             raise ConfigError("pass both `train` and `test` data sets, or neither (then `source` is loaded)")
         names = list(train) if isinstance(train, Mapping) else self._names(clients)
         # validated by the same typed configs that train.py uses
-        DataConfig(name=source, root=root, eval_batch_size=eval_batch_size)
+        DataConfig(name=source, root=root, eval_batch_size=eval_batch_size, features=features)
         ClientConfig(
             count=len(names),
             names=names,
@@ -135,7 +137,7 @@ class FederatedDataModule(pl.LightningDataModule):
         self.shards_per_client, self.quantity_sigma = shards_per_client, quantity_sigma
         self.drop_small_clients, self.holdout_fraction = drop_small_clients, holdout_fraction
         self.batch_size, self.eval_batch_size, self.root = batch_size, eval_batch_size, root
-        self.seed, self.synthetic_sizes = seed, tuple(synthetic_sizes)
+        self.seed, self.synthetic_sizes, self.features = seed, tuple(synthetic_sizes), features
         self.save_hyperparameters(ignore=["train", "test", "clients"])  # for the loggers
         self.hparams["clients"] = names
         self.client_names = names
@@ -170,6 +172,7 @@ class FederatedDataModule(pl.LightningDataModule):
             root=data.root,
             seed=seed,
             synthetic_sizes=(data.synthetic_train_size, data.synthetic_test_size),
+            features=data.features,
         )
 
     def load_source(self) -> DataSource:
@@ -189,6 +192,13 @@ class FederatedDataModule(pl.LightningDataModule):
         else:
             source = self.load_source()
             train, self.test_set, origin = source.train, source.test, source.origin
+        if self.features != "pixels":  # each record mapped alone: what each client would do with its own records
+            if isinstance(train, Mapping):
+                train = {name: with_features(data, self.features) for name, data in train.items()}
+            else:
+                train = with_features(train, self.features)
+            self.test_set = with_features(self.test_set, self.features)
+            origin = f"{origin}, {self.features} features"
         if isinstance(train, Mapping):
             self.client_datasets = dict(train)
         else:

@@ -45,6 +45,11 @@ class DistributedFederatedDPStrategy(FederatedRounds, DDPStrategy):
                     f"{key}.enabled with several processes: the server's side must run once for all processes, "
                     "which is not built yet; train in one process (hardware=cpu or hardware=gpu)"
                 )
+        if self.syft is not None:
+            raise ConfigError(
+                "client.runtime=syft with several processes: the datasites answer one server process; train in "
+                "one process (hardware=cpu or hardware=gpu)"
+            )
 
     def owner(self, client: str) -> int:
         """The rank that trains ``client``."""

@@ -46,6 +46,7 @@ from fl_dp_lightning.config import (
     PrivacyConfig,
     SecureAggregationConfig,
     ServerConfig,
+    SyftConfig,
     UserPrivacyConfig,
 )
 from fl_dp_lightning.data.datamodule import ClientDatasets
@@ -60,6 +61,7 @@ from fl_dp_lightning.strategy.resume import ResumableRounds
 from fl_dp_lightning.strategy.sampling import on_device, take_batch
 from fl_dp_lightning.strategy.schedule import RoundPlan, clients_per_round, plan_round
 from fl_dp_lightning.strategy.user_level import UserLevelDP
+from fl_dp_lightning.syft_runtime.clients import SyftClients, import_syft
 from fl_dp_lightning.vectorized.engine import VectorizedClients, check_vectorizable
 
 
@@ -82,6 +84,7 @@ class FederatedRounds(ResumableRounds):
         client_overrides: Mapping[str, ClientOverride] | None = None,
         on_client_failure: str = "drop",
         client_time_limit: float | None = None,
+        syft: SyftConfig | None = None,
         seed: int = 0,
         log_rounds: bool = True,
         **kwargs: Any,
@@ -118,6 +121,12 @@ class FederatedRounds(ResumableRounds):
                 f"client_time_limit={client_time_limit}: engine=vectorized trains a chunk of clients as one "
                 "computation, so one client cannot be timed out; drop the limit or use engine=opacus"
             )
+        self.syft = syft
+        self.datasites: dict[str, Any] = {}
+        """Under ``client.runtime=syft``, each client's :class:`~fl_dp_lightning.syft_runtime.clients.Datasite`
+        (its ``owner`` client answers requests); kept after the run for inspection."""
+        if syft is not None:
+            self._check_syft()
         self.server = server if server is not None else ServerConfig()
         self.server_state: dict[str, Tensor] = {}
         self.local_epochs = local_epochs
@@ -162,6 +171,20 @@ class FederatedRounds(ResumableRounds):
         self.withheld_logs: set[str] = set()
         self.planned_rounds: int | None = None
         self.rounds_trained = 0
+
+    def _check_syft(self) -> None:
+        """Refuses what clients in PySyft datasites cannot run, before anything starts."""
+        import_syft()
+        if not self.vectorized:
+            raise ConfigError(
+                "client.runtime=syft runs the vectorized engine's client round inside each datasite: add "
+                "engine=vectorized (FederatedDPStrategy(engine='vectorized', syft=...))"
+            )
+        if self.secure_aggregation.enabled:
+            raise ConfigError(
+                "secure_aggregation.enabled with client.runtime=syft: the masks would have to be added inside the "
+                "datasites, which is not built yet; use secure_aggregation=none or client.runtime=local"
+            )
 
     # ------------------------------------------------- process extension points
 
@@ -351,7 +374,10 @@ class FederatedRounds(ResumableRounds):
         }
         if self._grad_sample_module is not None:
             self._probe_sensitivity(data)
-        if self.vectorized:  # per-example losses by construction: each record is its own forward
+        if self.syft is not None:
+            self._vectorized_clients = self._make_syft(data)
+            self.datasites = self._vectorized_clients.sites
+        elif self.vectorized:  # per-example losses by construction: each record is its own forward
             self._vectorized_clients = self._make_vectorized(data)
         if self.user_privacy.enabled:
             self.user_level = self._make_user_level()
@@ -365,11 +391,16 @@ class FederatedRounds(ResumableRounds):
         """Whether the round's clients train at once (``engine=vectorized``) instead of one after the other."""
         return self.engine.name == "vectorized"
 
-    def _make_vectorized(self, data: ClientDatasets) -> VectorizedClients:
+    def _check_vectorizable(self, data: ClientDatasets) -> None:
         trainer = self.lightning_module.trainer
         step_schedules = sum(1 for c in trainer.lr_scheduler_configs if c.interval == "step")
+        check_vectorizable(
+            self.lightning_module, self.optimizers[0], step_schedules, data.datasets, str(trainer.precision)
+        )
+
+    def _make_vectorized(self, data: ClientDatasets) -> VectorizedClients:
+        self._check_vectorizable(data)
         optimizer = self.optimizers[0]
-        check_vectorizable(self.lightning_module, optimizer, step_schedules, data.datasets, str(trainer.precision))
         return VectorizedClients(
             self.lightning_module,
             optimizer,
@@ -378,6 +409,27 @@ class FederatedRounds(ResumableRounds):
             engine=self.engine,
             privacy=self.privacy,
             device=self.root_device,
+        )
+
+    def _make_syft(self, data: ClientDatasets) -> SyftClients:
+        self._check_vectorizable(data)
+        if self.holdouts:
+            raise ConfigError(
+                "client.holdout_fraction with client.runtime=syft: the held-out records would have to be evaluated "
+                "inside each datasite, which is not built yet; set client.holdout_fraction=0"
+            )
+        return SyftClients(
+            self.lightning_module,
+            self.optimizers[0],
+            data.datasets,
+            list(self.clients.values()),
+            engine=self.engine,
+            privacy=self.privacy,
+            config=self.syft,
+            batch_size=data.batch_size,
+            local_epochs=self.local_epochs,
+            overrides=self.client_overrides,
+            seed=self.seed,
         )
 
     def _make_user_level(self) -> UserLevelDP:
@@ -622,6 +674,15 @@ class FederatedRounds(ResumableRounds):
         clients = [self.clients[name] for name, _ in self._local_plan.segments]
         release = not self.privacy.enabled or self.privacy.unsafe_release_training_metrics
         for update in self._vectorized_clients.train(clients, self.proximal_mu):
+            if update.failure is not None:  # a datasite that denied, failed or timed out
+                if self.on_client_failure == "raise":
+                    raise ConfigError(
+                        f"client {update.client.name!r}: {update.failure} (client.on_failure=raise; with drop the "
+                        "run goes on without it for this round)"
+                    )
+                self._fail_client(update.failure, update.client)
+                self.last_round.append(self._dropped_report(update.client))
+                continue
             self._add_client(update.client, {**self._global_state, **update.params}, update.metrics if release else {})
 
     def _record_metrics(self, output: Any) -> None:
@@ -678,22 +739,24 @@ class FederatedRounds(ResumableRounds):
             if param.grad is not None:
                 param.grad.add_(param.detach() - self._global_state[name], alpha=self.proximal_mu)
 
-    def _fail_client(self, reason: str) -> None:
-        """Drops the current client from this round; the privacy it spent so far stays counted."""
+    def _fail_client(self, reason: str, client: ClientState | None = None) -> None:
+        """Drops ``client`` (by default the current one) from this round; the privacy it spent stays counted."""
+        client = client or self._client
         self._client_failed = True
         round_no = self.lightning_module.trainer.current_epoch + 1
-        self.faults.append({"round": round_no, "client": self._client.name, "reason": reason})
+        self.faults.append({"round": round_no, "client": client.name, "reason": reason})
         rank_zero_info(
-            f"round {round_no}: client {self._client.name!r} is dropped from this round ({reason}); the round "
+            f"round {round_no}: client {client.name!r} is dropped from this round ({reason}); the round "
             "averages the others, and the privacy it spent so far stays counted"
         )
+
+    def _dropped_report(self, client: ClientState) -> ClientReport:
+        return ClientReport(client.name, client.num_examples, self.epsilon_of(client), dropped=True)
 
     def _end_client(self) -> None:
         client = self._client
         if self._client_failed:
-            self.last_round.append(
-                ClientReport(client.name, client.num_examples, self.epsilon_of(client), dropped=True)
-            )
+            self.last_round.append(self._dropped_report(client))
             self._client = None
             return
         steps = self._metric_steps
@@ -789,6 +852,9 @@ class FederatedRounds(ResumableRounds):
         self._grad_hooks = []
         if self.lightning_module is not None:
             self.lightning_module.__dict__.pop("log", None)
+        if isinstance(self._vectorized_clients, SyftClients):
+            self._vectorized_clients.close()
+            self._vectorized_clients = None
         super().teardown()
 
 

@@ -48,11 +48,13 @@ POISSON_SPREAD = 4
 
 @dataclass
 class ClientUpdate:
-    """A client's weights after its round (parameters only) and its training metrics."""
+    """A client's weights after its round (parameters only) and its training metrics; or, when its round failed
+    (a client runtime that can fail: PySyft datasites), no weights and why."""
 
     client: ClientState
     params: dict[str, Tensor]
     metrics: dict[str, float]
+    failure: str | None = None
 
 
 def check_vectorizable(

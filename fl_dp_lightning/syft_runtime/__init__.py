@@ -1,0 +1,1 @@
+"""Client runtimes beyond this process: PySyft datasites (``client.runtime=syft``; syft is imported only there)."""

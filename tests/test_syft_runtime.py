@@ -1,0 +1,147 @@
+"""Clients as PySyft datasites (client.runtime=syft) against the local runtime, the owner's approval and the mock.
+
+PySyft 0.9.5 pins its own numpy, so these run in their own environment: ``make syft-test`` (CI runs it). In the
+main environment only the refusal without PySyft runs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
+from fl_dp_lightning.config import SyftConfig
+from fl_dp_lightning.data.sources import load_synthetic
+
+from .conftest import make_trainer
+
+SEEDED = PrivacyConfig(noise_multiplier=1.0, unsafe_seeded_randomness=True)
+CLIENTS = ["alice", "bob"]
+
+
+def syft_installed() -> bool:
+    try:
+        import syft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_syft = pytest.mark.skipif(not syft_installed(), reason="PySyft runs in its own venv: make syft-test")
+
+
+def fit(syft: SyftConfig | None, rounds: int = 2, owner=None, **strategy_kwargs):
+    """The seed workload's loop, small: two clients of 300 synthetic images, the seed CNN, seeded DP-SGD.
+    ``owner(strategy)`` runs in a thread beside the training: the datasites' owners answering requests."""
+    source = load_synthetic(train_size=600, test_size=100, seed=3)
+    torch.manual_seed(0)
+    module = LitClassifier(lr=0.05)
+    datamodule = FederatedDataModule(train=source.train, test=source.test, clients=CLIENTS, batch_size=32)
+    strategy = FederatedDPStrategy(
+        privacy=SEEDED, engine="vectorized", syft=syft, seed=5, log_rounds=False, **strategy_kwargs
+    )
+    if owner is not None:
+        threading.Thread(target=owner, args=(strategy,), daemon=True).start()
+    make_trainer(strategy, rounds, limit_val_batches=0).fit(module, datamodule)
+    return module, strategy
+
+
+def answer_requests(strategy, answer, seconds: float = 120) -> None:
+    """Acts as every datasite's owner: ``answer(site, request)`` for each pending request, until ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for site in list(strategy.datasites.values()):
+            for request in site.owner.requests:
+                if str(request.status).endswith("PENDING"):
+                    answer(site, request)
+        time.sleep(0.1)
+
+
+def assert_same_run(local, remote) -> None:
+    (local_module, local_strategy), (remote_module, remote_strategy) = local, remote
+    for key, value in local_module.state_dict().items():
+        torch.testing.assert_close(remote_module.state_dict()[key], value, atol=1e-5, rtol=0)
+    assert remote_strategy.epsilons() == pytest.approx(local_strategy.epsilons(), abs=1e-9)
+    assert all(eps > 0 for eps in remote_strategy.epsilons().values())
+
+
+def test_without_pysyft_the_runtime_is_refused_naming_the_extra_and_the_make_target():
+    if syft_installed():
+        pytest.skip("PySyft is installed here")
+    with pytest.raises(ConfigError, match=r"client.runtime=syft needs PySyft.*make syft-test.*\.\[syft\]"):
+        FederatedDPStrategy(privacy=SEEDED, engine="vectorized", syft=SyftConfig())
+
+
+@needs_syft
+def test_datasites_in_process_train_the_same_rounds_as_the_local_runtime():
+    assert_same_run(fit(None), fit(SyftConfig()))
+
+
+@needs_syft
+def test_datasites_behind_loopback_servers_train_the_same_rounds_as_the_local_runtime():
+    assert_same_run(fit(None), fit(SyftConfig(port=18231)))
+
+
+@needs_syft
+def test_a_new_approval_every_round_changes_nothing_but_the_requests():
+    _, strategy = remote = fit(SyftConfig(approved_rounds=1), rounds=3)
+    assert_same_run(fit(None, rounds=3), remote)
+    assert {name: site.approvals for name, site in strategy.datasites.items()} == {"alice": 3, "bob": 3}
+
+
+@needs_syft
+def test_the_server_reads_only_the_mock_and_the_private_records_stay_in_the_datasite():
+    from fl_dp_lightning.syft_runtime.clients import Datasite
+
+    source = load_synthetic(train_size=50, test_size=10, seed=3)
+    site = Datasite("carol", source.train, port=None)
+    try:
+        asset = site.scientist.datasets[0].assets[0]
+        private = source.train.tensors[0].numpy()
+        assert not isinstance(asset.data, dict)  # the data scientist's client is refused the private asset
+        mock = asset.mock
+        assert mock["x"].shape == private.shape and not np.allclose(mock["x"], private)
+        assert isinstance(site.owner.datasets[0].assets[0].data, dict)  # the owner can read it
+    finally:
+        site.close()
+
+
+@needs_syft
+def test_a_request_the_owner_denies_drops_that_client_with_the_reason_and_the_other_trains():
+    def deny_alice(site, request):
+        if site.name == "alice":
+            request.deny(reason="not on this data")
+        else:
+            request.approve()
+
+    _, strategy = fit(
+        SyftConfig(approval="manual", timeout_s=60), rounds=1, owner=lambda s: answer_requests(s, deny_alice)
+    )
+    (fault,) = strategy.faults
+    assert fault["client"] == "alice" and "denied" in fault["reason"]
+    assert [r.client for r in strategy.last_round if not r.dropped] == ["bob"]
+
+
+@needs_syft
+def test_a_denied_request_stops_the_run_in_one_line_when_failures_raise():
+    def deny(site, request):
+        request.deny(reason="no")
+
+    with pytest.raises(ConfigError, match=r"client 'alice': the owner of datasite 'alice' denied .*on_failure=raise"):
+        fit(
+            SyftConfig(approval="manual", timeout_s=60),
+            rounds=1,
+            owner=lambda s: answer_requests(s, deny),
+            on_client_failure="raise",
+        )
+
+
+@needs_syft
+def test_an_owner_who_does_not_answer_in_time_drops_the_client():
+    _, strategy = fit(SyftConfig(approval="manual", timeout_s=2), rounds=1)
+    assert {f["client"] for f in strategy.faults} == {"alice", "bob"}
+    assert all("did not answer within" in f["reason"] for f in strategy.faults)
