@@ -4,7 +4,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: train test bench bench-gpu bench-quick lint
+SYFT_VENV ?= .venv-syft
+SYFT_PY := $(SYFT_VENV)/bin/python
+SYFT_STAMP := $(SYFT_VENV)/.installed-stamp
+
+.PHONY: train test syft-test bench bench-gpu bench-quick lint
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,6 +20,14 @@ train: $(STAMP)  ## the seed workload; extra Hydra overrides with ARGS="privacy.
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+$(SYFT_STAMP): pyproject.toml
+	test -x $(SYFT_PY) || python3 -m venv $(SYFT_VENV)
+	$(SYFT_PY) -m pip install -q -e ".[syft]"
+	touch $(SYFT_STAMP)
+
+syft-test: $(SYFT_STAMP)  ## clients as PySyft datasites, in their own venv (syft 0.9.5 pins numpy 1.24.4)
+	$(SYFT_PY) -m pytest -q -p no:cacheprovider tests/test_syft_runtime.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/seed_round.py

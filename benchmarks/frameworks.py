@@ -159,21 +159,18 @@ def run_process(command: list[str], out: Path) -> dict:
     return {"end_to_end_seconds": seconds, "history": json.loads(out.read_text())["history"]}
 
 
+def train_py(data: str, rounds: int, overrides: list[str], run_dir: Path) -> dict:
+    """``python train.py`` with ``overrides`` in a fresh process: its end-to-end seconds and per-round history."""
+    command = [sys.executable, "train.py", f"data={data}", f"trainer.rounds={rounds}", "trainer.progress_bar=false"]
+    return run_process([*command, *overrides, f"hydra.run.dir={run_dir}"], run_dir / "results.json")
+
+
 def measure(data: str, rounds: int) -> dict[str, dict]:
     """Every implementation, one after the other, each in its own process."""
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in OURS.items():
-            run_dir = Path(tmp) / f"ours{len(results)}"
-            command = [
-                sys.executable,
-                "train.py",
-                f"data={data}",
-                f"trainer.rounds={rounds}",
-                "trainer.progress_bar=false",
-            ]
-            command += [*overrides, f"hydra.run.dir={run_dir}"]
-            results[name] = run_process(command, run_dir / "results.json")
+            results[name] = train_py(data, rounds, overrides, Path(tmp) / f"ours{len(results)}")
             print(f"{name}: {results[name]['end_to_end_seconds']:.1f} s end to end")
         for name, worker in REFERENCES.items():
             out = Path(tmp) / f"{worker}.json"

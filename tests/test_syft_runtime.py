@@ -6,8 +6,12 @@ main environment only the refusal without PySyft runs.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +149,19 @@ def test_an_owner_who_does_not_answer_in_time_drops_the_client():
     _, strategy = fit(SyftConfig(approval="manual", timeout_s=2), rounds=1)
     assert {f["client"] for f in strategy.faults} == {"alice", "bob"}
     assert all("did not answer within" in f["reason"] for f in strategy.faults)
+
+
+@needs_syft
+def test_train_py_runs_through_datasites_and_the_benchmark_compares_the_runtimes(tmp_path):
+    out = tmp_path / "syft_runtime.json"
+    benchmark = Path(__file__).resolve().parents[1] / "benchmarks" / "syft_runtime.py"
+    subprocess.run(
+        [sys.executable, str(benchmark), "--quick", "--rounds", "2", "--out", str(out)],
+        check=True, capture_output=True, timeout=900,
+    )  # fmt: skip
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 3
+    spent = {name: [row["epsilon_max"] for row in r["history"]] for name, r in results.items()}
+    assert len({tuple(eps) for eps in spent.values()}) == 1  # the same accounting whichever runtime
+    assert all(0 <= r["history"][-1]["val/acc"] <= 1 for r in results.values())
+    assert out.with_suffix(".md").read_text().startswith("| clients (synthetic")
