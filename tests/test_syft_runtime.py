@@ -20,6 +20,7 @@ import torch
 from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
 from fl_dp_lightning.config import SyftConfig
 from fl_dp_lightning.data.sources import load_synthetic
+from fl_dp_lightning.privacy.report import SYFT_REPLY, privacy_report
 
 from .conftest import make_trainer
 
@@ -82,7 +83,10 @@ def test_without_pysyft_the_runtime_is_refused_naming_the_extra_and_the_make_tar
 
 @needs_syft
 def test_datasites_in_process_train_the_same_rounds_as_the_local_runtime():
-    assert_same_run(fit(None), fit(SyftConfig()))
+    remote = fit(SyftConfig())
+    assert_same_run(fit(None), remote)
+    report = privacy_report(remote[1])  # what a datasite's reply carries, and PySyft's error channel
+    assert SYFT_REPLY in report["released"] and any("PySyft hands" in item for item in report["not_covered"])
 
 
 @needs_syft

@@ -22,6 +22,11 @@ RELEASED = (
     "validation and test metrics: computed on the shared public set, not on client data",
 )
 
+SYFT_REPLY = (
+    "client.runtime=syft: each datasite's reply: the weights above, its record count, epsilon and its accountant's "
+    "history (noise, sample rate, steps: public settings); its random streams stay in the datasite"
+)
+
 SHOWN_CLIENTS = 20
 """Clients listed in the log's table; the JSON report lists every client."""
 
@@ -55,6 +60,8 @@ def privacy_report(strategy: Any) -> dict[str, Any]:
         released.append(
             "secure aggregation (simulated): the server decodes only each round's sum of the clients' contributions"
         )
+    if privacy.enabled and strategy.syft is not None:
+        released.append(SYFT_REPLY)
     if privacy.enabled and privacy.unsafe_release_training_metrics:
         released.append("per-client training metrics, training-stage self.log, raw gradients: NOT covered")
     return {
@@ -66,7 +73,7 @@ def privacy_report(strategy: Any) -> dict[str, Any]:
         "settings": asdict(privacy),
         "guarantee": guarantee_sentence(strategy),
         "released": released,
-        "not_covered": [*privacy.weakened_by(), *ALWAYS_NOT_COVERED, *fault_release(strategy)]
+        "not_covered": [*privacy.weakened_by(), *ALWAYS_NOT_COVERED, *fault_release(strategy), *syft_release(strategy)]
         if privacy.enabled
         else [],
         "faults": strategy.faults,
@@ -75,6 +82,16 @@ def privacy_report(strategy: Any) -> dict[str, Any]:
         else strategy.user_level.report(guaranteed=not privacy.unsafe_seeded_randomness),
         "clients": rows,
     }
+
+
+def syft_release(strategy: Any) -> list[str]:
+    """PySyft's own channel: it hands the data scientist the error of approved code that fails on private data."""
+    if strategy.syft is None:
+        return []
+    return [
+        "client.runtime=syft: PySyft hands the server the error message of approved code that fails on the private "
+        "asset (we do not log it under DP, but the server process receives it); a message can quote private data"
+    ]
 
 
 def fault_release(strategy: Any) -> list[str]:

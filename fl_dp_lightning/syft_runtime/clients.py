@@ -138,14 +138,16 @@ class Datasite:
                 raise ClientFailure(f"the owner of datasite {self.name!r} did not answer within {timeout:g} s")
             time.sleep(0.2)
 
-    def run(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Runs the approved code on the private asset with ``request``; the datasite's reply."""
+    def run(self, request: dict[str, Any], quote_errors: bool) -> dict[str, Any]:
+        """Runs the approved code on the private asset with ``request``; the datasite's reply. An error's message
+        is quoted only when ``quote_errors`` (it may quote private records)."""
         sy = import_syft()
         argument = sy.ActionObject.from_obj(request).send(self.scientist)
         result = getattr(self.scientist.code, self.function)(records=self.asset, request=argument)
         reply = result.get() if hasattr(result, "get") else result
         if not isinstance(reply, dict):
-            raise ClientFailure(f"datasite {self.name!r} answered {first_line(reply)}")
+            message = first_line(reply) if quote_errors else "(message withheld: it may quote private data)"
+            raise ClientFailure(f"datasite {self.name!r} failed: {message}")
         return reply
 
     def close(self) -> None:
@@ -216,6 +218,7 @@ class SyftClients:
             "release_metrics": not privacy.enabled or privacy.unsafe_release_training_metrics,
         }
         self.overrides = overrides
+        self.quote_errors = not privacy.enabled or privacy.unsafe_release_training_metrics
         self.approvals: dict[str, int] = {}
         self.sites: dict[str, Datasite] = {}
         port = config.port
@@ -250,10 +253,10 @@ class SyftClients:
         site = self.sites[client.name]
         if site.function is None:
             self._ask(client)
-        reply = site.run(request)
+        reply = site.run(request, self.quote_errors)
         if reply.get("refused") == APPROVAL_USED:
             self._ask(client)
-            reply = site.run(request)
+            reply = site.run(request, self.quote_errors)
         if "refused" in reply:
             raise ClientFailure(f"datasite {client.name!r} refused the round: {reply['reason']}")
         return reply
