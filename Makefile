@@ -23,7 +23,7 @@ test: $(STAMP)
 
 $(SYFT_STAMP): pyproject.toml
 	test -x $(SYFT_PY) || python3 -m venv $(SYFT_VENV)
-	$(SYFT_PY) -m pip install -q -e ".[syft]"
+	$(SYFT_PY) -m pip install -q -e ".[syft]" "pytest>=8"
 	touch $(SYFT_STAMP)
 
 syft-test: $(SYFT_STAMP)  ## clients as PySyft datasites, in their own venv (syft 0.9.5 pins numpy 1.24.4)
