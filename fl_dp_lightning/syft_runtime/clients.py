@@ -18,7 +18,6 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.util
 import secrets
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -160,7 +159,6 @@ def load_function(name: str, source: str) -> Any:
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
     spec.loader.exec_module(module)
     return getattr(module, name)
 
