@@ -44,7 +44,7 @@ def seed_cnn(num_classes: int = 10, activation: str = "relu") -> nn.Sequential:
 
 def scatternet_linear(num_classes: int = 10, channels: int = 81, size: int = 7, groups: int = 27) -> nn.Sequential:
     """GroupNorm and a linear classifier on ScatterNet features (``data.features=scatternet``; Tramer and Boneh
-    2021): 39,700 parameters with the defaults, for the 81x7x7 features of a 28x28 image.
+    2021): 39,862 parameters with the defaults, for the 81x7x7 features of a 28x28 image.
 
     Args:
         num_classes: output classes.
