@@ -46,7 +46,7 @@ CURVE_DIR ?= multirun/privacy_utility
 CURVE := data=fashion_mnist model=scatternet privacy.max_grad_norm=0.1 trainer.rounds=40 trainer.batch_size=2048 trainer.progress_bar=false
 privacy-utility: $(STAMP)
 	$(PY) train.py -m $(CURVE) privacy=target privacy.target_epsilon=0.5,1,2,4,8 hydra.sweep.dir=$(CURVE_DIR)
-	$(PY) train.py $(CURVE) privacy=none hydra.run.dir=$(CURVE_DIR)/no_dp
+	$(PY) train.py $(CURVE) privacy=none model.lr=0.1 hydra.run.dir=$(CURVE_DIR)/no_dp  # lr 4 diverges unclipped
 	$(PY) -m fl_dp_lightning.plot $(CURVE_DIR) --out benchmarks/results/privacy_utility_fashion_mnist
 
 bench-gpu: $(STAMP)  ## the speed benchmark on the first CUDA device

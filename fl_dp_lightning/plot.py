@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,16 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def shared_overrides(rows: list[dict[str, Any]]) -> set[str]:
+    """The overrides every one of ``rows`` has (compared in lower case: Hydra's sweeps write ``False``)."""
+    return set.intersection(*({o.lower() for o in r["overrides"]} for r in rows)) if rows else set()
+
+
+def own(row: dict[str, Any], shared: set[str]) -> list[str]:
+    """The overrides of ``row`` beyond ``shared``: what labels its point."""
+    return [o for o in row["overrides"] if o.lower() not in shared]
+
+
 def draw(rows: list[dict[str, Any]], path: Path) -> bool:
     """Accuracy against epsilon (log scale), each point labelled; runs without DP as dashed lines. False without
     matplotlib."""
@@ -73,12 +84,17 @@ def draw(rows: list[dict[str, Any]], path: Path) -> bool:
     private = sorted((r for r in rows if r["epsilon"] is not None), key=lambda r: r["epsilon"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if private:
+        on_every_point = shared_overrides(private)
         ax.plot([r["epsilon"] for r in private], [r["test_acc"] for r in private], "o-", label="DP")
         for r in private:
-            ax.annotate(" ".join(r["overrides"]), (r["epsilon"], r["test_acc"]), fontsize=7, rotation=20)
+            label = " ".join(own(r, on_every_point))
+            ax.annotate(label, (r["epsilon"], r["test_acc"]), fontsize=7, xytext=(4, -10), textcoords="offset points")
         ax.set_xscale("log")
+    on_every_run = shared_overrides(rows)
     for r in (r for r in rows if r["epsilon"] is None):
-        ax.axhline(r["test_acc"], linestyle="--", color="gray", label=f"no DP ({' '.join(r['overrides'])})")
+        ax.axhline(r["test_acc"], linestyle="--", color="gray", label=f"no DP ({' '.join(own(r, on_every_run))})")
+    shared = [o for o in rows[0]["overrides"] if o.lower() in on_every_run] if rows else []
+    ax.set_title(textwrap.fill(" ".join(shared), 110), fontsize=7)  # what every run shares, once
     ax.set(xlabel="epsilon (largest client's)", ylabel="test accuracy")
     ax.legend(fontsize=7)
     fig.tight_layout()
