@@ -169,3 +169,18 @@ def test_train_py_runs_through_datasites_and_the_benchmark_compares_the_runtimes
     assert len({tuple(eps) for eps in spent.values()}) == 1  # the same accounting whichever runtime
     assert all(0 <= r["history"][-1]["val/acc"] <= 1 for r in results.values())
     assert out.with_suffix(".md").read_text().startswith("| clients (synthetic")
+
+
+@needs_syft
+def test_a_round_that_reached_the_datasite_but_did_not_answer_is_counted(monkeypatch):
+    # the datasite may have trained: the server's epsilon must not read below what the datasite spent
+    from fl_dp_lightning.syft_runtime.clients import ClientFailure, Datasite
+
+    def lost(self, request, quote_errors):
+        raise ClientFailure(f"datasite {self.name!r} failed: (message withheld: it may quote private data)")
+
+    monkeypatch.setattr(Datasite, "run", lost)
+    _, strategy = fit(SyftConfig(), rounds=1)
+    _, local = fit(None, rounds=1)
+    assert {f["client"] for f in strategy.faults} == set(CLIENTS)
+    assert strategy.epsilons() == pytest.approx(local.epsilons(), abs=1e-9)  # one round's worth, each

@@ -224,6 +224,8 @@ class SyftClients:
         self.overrides = overrides
         self.quote_errors = not privacy.enabled or privacy.unsafe_release_training_metrics
         self.approvals: dict[str, int] = {}
+        self.started: set[str] = set()
+        """The clients whose round reached their datasite in the current round."""
         self.sites: dict[str, Datasite] = {}
         port = config.port
         for i, (name, dataset) in enumerate(datasets.items()):
@@ -257,6 +259,7 @@ class SyftClients:
         site = self.sites[client.name]
         if site.function is None:
             self._ask(client)
+        self.started.add(client.name)  # from here on the datasite may spend privacy
         reply = site.run(request, self.quote_errors)
         if reply.get("refused") == APPROVAL_USED:
             self._ask(client)
@@ -286,15 +289,25 @@ class SyftClients:
             "proximal_mu": proximal_mu,
         }
         trained = {name for group in self.groups for name in group}
+        self.started = set()
         for client in clients:
             try:
                 reply = self._reply(client, request)
             except ClientFailure as err:
+                if client.name in self.started:
+                    self._count_unconfirmed(client)
                 yield ClientUpdate(client, {}, {}, failure=str(err))
                 continue
             self._mirror(client, reply)
             params = {n: torch.as_tensor(np.asarray(v)) for n, v in reply["params"].items() if n in trained}
             yield ClientUpdate(client, params, dict(reply["metrics"]))
+
+    @staticmethod
+    def _count_unconfirmed(client: ClientState) -> None:
+        """A round that started but did not answer may have trained: the server counts it (an upper bound), so its
+        epsilon never reads below the datasite's; the datasite's next reply brings the exact history back."""
+        if client.accountant is not None:
+            client.accountant.history.append((client.noise_multiplier, client.sample_rate, client.steps_per_round))
 
     @staticmethod
     def _mirror(client: ClientState, reply: dict[str, Any]) -> None:
