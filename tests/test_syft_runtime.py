@@ -39,7 +39,7 @@ def syft_installed() -> bool:
 needs_syft = pytest.mark.skipif(not syft_installed(), reason="PySyft runs in its own venv: make syft-test")
 
 
-def fit(syft: SyftConfig | None, rounds: int = 2, owner=None, **strategy_kwargs):
+def fit(syft: SyftConfig | None, rounds: int = 2, owner=None, checkpoints=None, resume=None, **strategy_kwargs):
     """The seed workload's loop, small: two clients of 300 synthetic images, the seed CNN, seeded DP-SGD.
     ``owner(strategy)`` runs in a thread beside the training: the datasites' owners answering requests."""
     source = load_synthetic(train_size=600, test_size=100, seed=3)
@@ -51,7 +51,8 @@ def fit(syft: SyftConfig | None, rounds: int = 2, owner=None, **strategy_kwargs)
     )
     if owner is not None:
         threading.Thread(target=owner, args=(strategy,), daemon=True).start()
-    make_trainer(strategy, rounds, limit_val_batches=0).fit(module, datamodule)
+    saving = {} if checkpoints is None else {"enable_checkpointing": True, "callbacks": [checkpoints]}
+    make_trainer(strategy, rounds, limit_val_batches=0, **saving).fit(module, datamodule, ckpt_path=resume)
     return module, strategy
 
 
@@ -184,3 +185,20 @@ def test_a_round_that_reached_the_datasite_but_did_not_answer_is_counted(monkeyp
     _, local = fit(None, rounds=1)
     assert {f["client"] for f in strategy.faults} == set(CLIENTS)
     assert strategy.epsilons() == pytest.approx(local.epsilons(), abs=1e-9)  # one round's worth, each
+
+
+@needs_syft
+def test_a_resumed_run_continues_each_datasites_accounting(tmp_path):
+    # new datasites after a restart start from the spent privacy the checkpoint carries (written into the terms
+    # their owners approve): epsilon goes on from where it was, it does not restart at zero
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    _, uninterrupted = fit(None, rounds=3)
+    fit(SyftConfig(), rounds=1, checkpoints=ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0))
+    _, resumed = fit(
+        SyftConfig(), rounds=3, checkpoints=ModelCheckpoint(dirpath=tmp_path), resume=tmp_path / "last.ckpt"
+    )
+    assert resumed.epsilons() == pytest.approx(uninterrupted.epsilons(), abs=1e-9)
+    assert {name: c.steps_taken for name, c in resumed.clients.items()} == {
+        name: c.steps_taken for name, c in uninterrupted.clients.items()
+    }
