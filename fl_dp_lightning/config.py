@@ -403,6 +403,12 @@ class PrivacyConfig:
             "contradicts privacy.unsafe_seeded_randomness=true; turn one of them off",
         )
 
+    @property
+    def releases_client_outputs(self) -> bool:
+        """Whether values computed from client records without noise (training metrics, held-out metrics, error
+        messages) may leave a client: without DP, or under ``unsafe_release_training_metrics``."""
+        return not self.enabled or self.unsafe_release_training_metrics
+
     def weakened_by(self) -> list[str]:
         """The settings in force that weaken the guarantee, each with what it costs."""
         if not self.enabled:

@@ -658,21 +658,21 @@ class FederatedRounds(ResumableRounds):
         except Exception as err:  # a client's failure: its round is dropped, or the run fails, by option
             if self.on_client_failure == "raise" or self._client is None:
                 raise
-            private = self.privacy.enabled and not self.privacy.unsafe_release_training_metrics
             # the message of an error raised on a client's records may quote them: under DP only its type leaves
+            released = self.privacy.releases_client_outputs
             self._fail_client(
-                f"{type(err).__name__}" + (" (message withheld: it may quote private data)" if private else f": {err}")
+                f"{type(err).__name__}" + (f": {err}" if released else " (message withheld: it may quote private data)")
             )
             # this step becomes an empty DP step: noise added and accounted (conservative), the weights discarded
             self._empty_batch = True
             return torch.zeros((), device=self.root_device, requires_grad=True)
-        if not self.privacy.enabled or self.privacy.unsafe_release_training_metrics:
+        if self.privacy.releases_client_outputs:
             self._record_metrics(output)
         return output
 
     def _train_vectorized(self) -> None:
         clients = [self.clients[name] for name, _ in self._local_plan.segments]
-        release = not self.privacy.enabled or self.privacy.unsafe_release_training_metrics
+        release = self.privacy.releases_client_outputs
         for update in self._vectorized_clients.train(clients, self.proximal_mu):
             if update.failure is not None:  # a datasite that denied, failed or timed out
                 if self.on_client_failure == "raise":
@@ -813,7 +813,7 @@ class FederatedRounds(ResumableRounds):
         """The global model's metrics on each client's held-out records (``client.holdout_fraction``), from the
         module's ``validation_step``; computed only where they may be released (no DP, or
         ``privacy.unsafe_release_training_metrics``): they come from private records without noise."""
-        if not self.holdouts or (self.privacy.enabled and not self.privacy.unsafe_release_training_metrics):
+        if not self.holdouts or not self.privacy.releases_client_outputs:
             return {}
         batch = self._holdout_batch_size
         return {

@@ -92,7 +92,7 @@ class Datasite:
     """One client's datasite: the owner's side (upload, approval) and the data scientist's (requests, rounds)."""
 
     def __init__(self, name: str, dataset: TensorDataset, port: int | None):
-        sy = import_syft()
+        self.sy = sy = import_syft()
         self.name = name
         # PySyft moves objects over 1 MB to its blob store, then walks their bytes one by one on every read: a
         # client's records took 20 s per round that way (30,000 images), 3 s in the action store (measured)
@@ -121,7 +121,7 @@ class Datasite:
 
     def request(self, name: str, source: str, approval: str, timeout: float) -> None:
         """Submits the approved code ``source`` (function ``name``) and waits for the owner's answer."""
-        sy = import_syft()
+        sy = self.sy
         from syft.service.policy.policy import OutputPolicyExecuteCount
 
         function = load_function(name, source)
@@ -146,7 +146,7 @@ class Datasite:
     def run(self, request: dict[str, Any], quote_errors: bool) -> dict[str, Any]:
         """Runs the approved code on the private asset with ``request``; the datasite's reply. An error's message
         is quoted only when ``quote_errors`` (it may quote private records)."""
-        sy = import_syft()
+        sy = self.sy
         argument = sy.ActionObject.from_obj(request).send(self.scientist)
         result = getattr(self.scientist.code, self.function)(records=self.asset, request=argument)
         reply = result.get() if hasattr(result, "get") else result
@@ -219,10 +219,10 @@ class SyftClients:
             "seed": seed,
             "approved_rounds": config.approved_rounds,
             "max_epsilon": privacy.max_epsilon if privacy.max_epsilon is not None else privacy.target_epsilon,
-            "release_metrics": not privacy.enabled or privacy.unsafe_release_training_metrics,
+            "release_metrics": privacy.releases_client_outputs,
         }
         self.overrides = overrides
-        self.quote_errors = not privacy.enabled or privacy.unsafe_release_training_metrics
+        self.quote_errors = privacy.releases_client_outputs
         self.approvals: dict[str, int] = {}
         self.started: set[str] = set()
         """The clients whose round reached their datasite in the current round."""
