@@ -31,6 +31,7 @@ SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
 ENGINES = ("opacus", "vectorized")
 USER_ACCOUNTANTS = ("pld", "rdp", "prv")
 ENGINE_LOSSES = ("cross_entropy", "nll", "mse", "bce_with_logits")
+PER_EXAMPLE = ("auto", "layers", "vmap")
 
 
 class ConfigError(ValueError):
@@ -578,9 +579,16 @@ class EngineConfig:
     compile: bool = False
     """``vectorized``: compile each client's step with ``torch.compile`` over batches padded to one static width
     (once per process: tens of seconds on a CPU; falls back to eager, with a warning, where it fails)."""
+    per_example: str = "auto"
+    """``vectorized``, under DP: how each example's gradient is computed. ``layers``: one pass of the batch through
+    the module's layers and Opacus's per-layer rules (channels-last on a CPU); ``vmap``: ``torch.func`` over the
+    examples (and the clients, on a GPU). ``auto``: ``layers`` on CPU cores when every trained layer has a rule and
+    runs once per forward (about twice as fast there: benchmarks/speed.py), else ``vmap``. Both give the same
+    gradients."""
 
     def __post_init__(self) -> None:
         require(self.name in ENGINES, "engine.name", self.name, f"choose one of {ENGINES}")
+        require(self.per_example in PER_EXAMPLE, "engine.per_example", self.per_example, f"choose one of {PER_EXAMPLE}")
         require(self.loss in ENGINE_LOSSES, "engine.loss", self.loss, f"choose one of {ENGINE_LOSSES}")
         require(
             self.clients_per_chunk is None or self.clients_per_chunk >= 1,

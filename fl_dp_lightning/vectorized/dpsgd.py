@@ -61,8 +61,34 @@ def clip_and_sum(grads: Mapping[str, Tensor], mask: Tensor, max_grad_norm: Tenso
     Returns:
         ``[C, *shape]`` per parameter.
     """
-    factor = (max_grad_norm[:, None] / (per_example_norms(grads) + 1e-6)).clamp(max=1.0) * mask
+    factor = clip_factors(per_example_norms(grads), max_grad_norm[:, None]) * mask
     return {name: torch.einsum("cp,cp...->c...", factor.to(g.dtype), g) for name, g in grads.items()}
+
+
+def clip_and_sum_by_client(
+    grads: Mapping[str, Tensor], client: Tensor, clients: int, max_grad_norm: Tensor
+) -> dict[str, Tensor]:
+    """:func:`clip_and_sum` for the records of several clients in one unpadded batch.
+
+    Args:
+        grads: per-example gradients by parameter name, ``[n, *shape]``.
+        client: ``[n]``, the index of each record's client.
+        clients: how many clients there are.
+        max_grad_norm: ``[clients]``, each client's clip norm S.
+
+    Returns:
+        ``[clients, *shape]`` per parameter.
+    """
+    factor = clip_factors(per_example_norms({n: g[None] for n, g in grads.items()})[0], max_grad_norm[client])
+    return {
+        name: g.new_zeros((clients, *g.shape[1:])).index_add_(0, client, g * factor.view(-1, *[1] * (g.dim() - 1)))
+        for name, g in grads.items()
+    }
+
+
+def clip_factors(norms: Tensor, max_grad_norm: Tensor) -> Tensor:
+    """Opacus's clipping factor of each example: ``min(1, S / (||g|| + 1e-6))``."""
+    return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
 
 
 def sgd_step(

@@ -34,14 +34,30 @@ from torch.optim import SGD, Optimizer
 from torch.utils.data import Dataset, TensorDataset
 
 from fl_dp_lightning.config import ConfigError, EngineConfig, PrivacyConfig
+from fl_dp_lightning.privacy.probe import ATOL, RTOL
 from fl_dp_lightning.strategy.client import ClientState
-from fl_dp_lightning.vectorized.dpsgd import CLASSIFICATION_LOSSES, LOSSES, clip_and_sum, sgd_step
+from fl_dp_lightning.vectorized.dpsgd import (
+    CLASSIFICATION_LOSSES,
+    LOSSES,
+    clip_and_sum,
+    clip_and_sum_by_client,
+    sgd_step,
+)
+from fl_dp_lightning.vectorized.layer_grads import (
+    LayerRules,
+    channels_last,
+    layer_rules,
+    loaded,
+    per_example_gradients,
+)
 
 SGD_SETTINGS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
 CPU_MEMORY_BUDGET = 2 * 2**30
 """Bytes a chunk's per-example gradients may take on the CPU (on a GPU: half of the free memory)."""
 ACTIVATION_FACTOR = 3
 """Per-example memory as a multiple of the parameters' size (gradients, clipped copies, activations)."""
+SHARED_PASS = 1024
+"""Records per pass when the clients of a chunk share their weights (a round's first step)."""
 POISSON_SPREAD = 4
 """Static width of a compiled Poisson batch: the expected size plus this many standard deviations."""
 
@@ -127,15 +143,35 @@ class VectorizedClients:
         self.offsets = dict(zip(datasets, torch.tensor([0, *sizes[:-1]]).cumsum(0).tolist()))
         self.inputs = torch.cat([d.tensors[0] for d in datasets.values()]).to(device)
         self.targets = torch.cat([d.tensors[1] for d in datasets.values()]).to(device)
-        self.clients_at_once = device.type == "cuda"
         self.width = max(static_width(c.batch_size, c.poisson) for c in clients) if engine.compile else None
-        self._example_grads = vmap(
+        self.rules = self._layer_rules()
+        self.clients_at_once = device.type == "cuda" and self.rules is None
+        self._vmap_grads = vmap(
             grad(self._example_loss, has_aux=True), in_dims=(None, None, 0, 0), randomness="different"
         )
         self._step = self._prepare(self._client_sums)
         self._trial()
 
+    def _layer_rules(self) -> LayerRules | None:
+        """Opacus's per-layer rules for the per-example gradients where they are chosen (``engine.per_example``;
+        under ``auto``: on CPU cores, eager, when every trained layer has one), else ``None`` (``vmap``)."""
+        choice = self.engine.per_example
+        if choice == "vmap" or not self.privacy.enabled:
+            return None
+        if choice == "auto" and (self.device.type != "cpu" or self.engine.compile):
+            return None
+        rules = layer_rules(self.module, self.trained)
+        if isinstance(rules, LayerRules):
+            return rules
+        if choice == "layers":
+            raise ConfigError(
+                f"engine.per_example=layers cannot train this module: {rules}; use engine.per_example=vmap"
+            )
+        return None
+
     def _prepare(self, step: Any) -> Any:
+        if self.rules is not None:  # a loop over the clients, each batch through the module's own layers
+            return step
         if self.engine.compile:
             step = torch.compile(step, dynamic=False)
         if self.clients_at_once:
@@ -147,8 +183,11 @@ class VectorizedClients:
     def _outputs(self, params: dict[str, Tensor], frozen: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple:
         output = functional_call(self.module, {**params, **frozen}, (x,))
         losses = self.loss(output, y)
-        correct = (output.argmax(-1) == y).float() if self.classification else torch.zeros_like(losses)
-        return losses, correct
+        return losses, self._correct(output, y, losses)
+
+    def _correct(self, output: Tensor, y: Tensor, losses: Tensor) -> Tensor:
+        """1 where an example's prediction is its target (zeros for losses that are not classification)."""
+        return (output.argmax(-1) == y).float() if self.classification else torch.zeros_like(losses)
 
     def _example_loss(self, params: dict, frozen: dict, x: Tensor, y: Tensor) -> tuple[Tensor, tuple]:
         losses, correct = self._outputs(params, frozen, x.unsqueeze(0), y.unsqueeze(0))
@@ -167,44 +206,84 @@ class VectorizedClients:
         if not self.privacy.enabled:
             grads, (loss, correct) = grad(self._batch_loss, has_aux=True)(params, frozen, x, y, mask)
             return grads, loss, correct
-        grads, (losses, correct) = self._example_grads(params, frozen, x, y)
+        grads, losses, correct = self._example_grads(params, frozen, x, y)
         summed = clip_and_sum({n: g[None] for n, g in grads.items()}, mask[None], max_grad_norm[None])
         return {n: g[0] for n, g in summed.items()}, (losses * mask).sum(), (correct * mask).sum()
 
+    def _example_grads(self, params: dict, frozen: dict, x: Tensor, y: Tensor) -> tuple[dict, Tensor, Tensor]:
+        """Each example's gradient (``[n, *shape]`` by name), loss and correct prediction."""
+        if self.rules is None:
+            grads, (losses, correct) = self._vmap_grads(params, frozen, x, y)
+            return grads, losses, correct
+        cpu = self.device.type == "cpu"
+        with loaded(self.module, params, layout_channels_last=cpu):
+            x = channels_last(x) if cpu else x
+            grads, losses, output = per_example_gradients(self.rules, self.module, x, y, self.loss)
+        return grads, losses, self._correct(output, y, losses)
+
     def _trial(self) -> None:
         """Runs one step on two random records shaped like the data (no client record is used): refuses a forward
-        torch.func cannot transform, and falls back to eager where compilation fails."""
+        torch.func cannot transform, checks Opacus's per-layer rules against ``vmap`` (each example alone), and
+        falls back to ``vmap`` or eager where the rules or compilation fail."""
         width = self.width or 2
         x = torch.randn((1, width, *self.inputs.shape[1:]), device=self.device).to(self.inputs.dtype)
         y = torch.zeros((1, width, *self.targets.shape[1:]), dtype=self.targets.dtype, device=self.device)
         mask = (torch.arange(width, device=self.device) < 2).float()[None]
         before = {name: b.detach().clone() for name, b in self.module.named_buffers()}
+        failure = None
         try:
             self._run_step(*self._start_weights(1), x, y, mask, torch.ones(1, device=self.device))
+            if self.rules is not None:
+                self._compare_rules(x[0, :2], y[0, :2])
         except Exception as err:
-            if self.engine.compile:
-                warnings.warn(
-                    f"engine.compile: torch.compile failed ({type(err).__name__}: {_first_line(err)}); "
-                    "training eagerly",
-                    stacklevel=2,
-                )
-                self.engine = replace(self.engine, compile=False)
-                self.width, self._step = None, self._prepare(self._client_sums)
-                return self._trial()
-            raise ConfigError(
-                f"engine=vectorized cannot transform {type(self.module).__name__}.forward with torch.func "
-                f"({type(err).__name__}: {_first_line(err)}); use engine=opacus, or make forward free of in-place "
-                f"state changes and data-dependent Python control flow (loss {self.engine.loss!r})"
-            ) from err
+            failure = err
         changed = [name for name, b in self.module.named_buffers() if not torch.equal(b, before[name])]
         for name, buffer in self.module.named_buffers():
             buffer.copy_(before[name])
+        if failure is not None:
+            return self._recover(failure)
         if changed:
             raise ConfigError(
                 f"engine=vectorized: {type(self.module).__name__}.forward changes its buffers {changed}, which a "
                 "functional step cannot carry; use engine=opacus, or keep forward free of state changes"
             )
         return None
+
+    def _compare_rules(self, x: Tensor, y: Tensor) -> None:
+        """Raises when the per-layer rules' gradients differ from each example's own (``vmap``): a forward that
+        mixes a batch's examples, or a layer its rule misreads."""
+        params, frozen = self._start_weights(1)
+        params = {n: p[0] for n, p in params.items()}
+        expected, _ = self._vmap_grads(params, frozen, x, y)
+        got, _, _ = self._example_grads(params, frozen, x, y)
+        for name, value in expected.items():
+            if not torch.allclose(got[name], value, rtol=RTOL, atol=ATOL):
+                raise RuntimeError(f"the per-layer rules' gradient of {name} is not each example's own")
+
+    def _recover(self, err: Exception) -> None:
+        """After a failed trial: ``vmap`` instead of the per-layer rules, eager instead of compiled, or a refusal."""
+        if self.rules is not None:
+            if self.engine.per_example == "layers":
+                raise ConfigError(
+                    f"engine.per_example=layers cannot train {type(self.module).__name__} "
+                    f"({type(err).__name__}: {_first_line(err)}); use engine.per_example=vmap"
+                ) from err
+            self.rules, self.clients_at_once = None, self.device.type == "cuda"
+            self._step = self._prepare(self._client_sums)
+            return self._trial()
+        if self.engine.compile:
+            warnings.warn(
+                f"engine.compile: torch.compile failed ({type(err).__name__}: {_first_line(err)}); training eagerly",
+                stacklevel=3,
+            )
+            self.engine = replace(self.engine, compile=False)
+            self.width, self._step = None, self._prepare(self._client_sums)
+            return self._trial()
+        raise ConfigError(
+            f"engine=vectorized cannot transform {type(self.module).__name__}.forward with torch.func "
+            f"({type(err).__name__}: {_first_line(err)}); use engine=opacus, or make forward free of in-place "
+            f"state changes and data-dependent Python control flow (loss {self.engine.loss!r})"
+        ) from err
 
     # ------------------------------------------------------------------------------- a round
 
@@ -244,7 +323,7 @@ class VectorizedClients:
         for step in range(int(steps.max())):
             active = (steps > step).tolist()
             drawn = [next(b) if a else [] for b, a in zip(batches, active)]
-            grads, losses, correct = self._sums(params, frozen, chunk, drawn, max_norm)
+            grads, losses, correct = self._sums(params, frozen, chunk, drawn, max_norm, shared=step == 0)
             sizes = torch.tensor([len(b) for b in drawn], device=self.device, dtype=loss_sums.dtype)
             loss_sums, correct_sums, records = loss_sums + losses, correct_sums + correct, records + sizes
             if self.privacy.enabled:
@@ -278,29 +357,65 @@ class VectorizedClients:
         chunk: list[ClientState],
         batches: list[list[int]],
         max_norm: Tensor,
+        shared: bool = False,
     ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Each client's (clipped) gradient sum, loss sum and correct count over its batch, ``[C, ...]``: in
-        slices of the static width when compiled (sums add up), else in one slice as wide as the longest batch."""
+        slices of the static width when compiled (sums add up), else in one slice as wide as the longest batch.
+        ``shared``: every client still holds the global weights (a round's first step)."""
         longest = max(len(b) for b in batches)
         width = self.width or max(1, longest)
         total = None
         for start in range(0, max(1, longest), width):
             x, y, mask = self._gather(chunk, [b[start : start + width] for b in batches], width)
-            part = self._run_step(params, frozen, x, y, mask, max_norm)
+            part = self._run_step(params, frozen, x, y, mask, max_norm, shared)
             total = part if total is None else _add(total, part)
         return total
 
     def _run_step(
-        self, params: dict[str, Tensor], frozen: dict[str, Tensor], x: Tensor, y: Tensor, mask: Tensor, norm: Tensor
+        self,
+        params: dict[str, Tensor],
+        frozen: dict[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        mask: Tensor,
+        norm: Tensor,
+        shared: bool = False,
     ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         if self.clients_at_once:
             return self._step(params, frozen, x, y, mask, norm)
+        if shared and self.privacy.enabled and not self.width and bool(mask.any()):
+            return self._shared_sums({n: p[0] for n, p in params.items()}, frozen, x, y, mask, norm)
+        # eager steps take each client's real records alone; compiled ones keep the static width
+        lengths = [len(m) for m in mask] if self.width else mask.sum(1).clamp(min=1).int().tolist()
         rows = [
-            self._step({n: p[c] for n, p in params.items()}, frozen, x[c], y[c], mask[c], norm[c])
-            for c in range(len(x))
+            self._step({n: p[c] for n, p in params.items()}, frozen, x[c, :n], y[c, :n], mask[c, :n], norm[c])
+            for c, n in enumerate(lengths)
         ]
         grads = {n: torch.stack([r[0][n] for r in rows]) for n in rows[0][0]}
         return grads, torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows])
+
+    def _shared_sums(
+        self, params: dict[str, Tensor], frozen: dict[str, Tensor], x: Tensor, y: Tensor, mask: Tensor, norm: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """The clients' clipped sums when they all hold the same ``params`` (one client's): every real record's
+        gradient in passes of up to ``SHARED_PASS`` records across clients (fewer, larger passes than one per
+        client), each record clipped at its client's norm and added to its client's sum."""
+        real = mask.bool()
+        xs, ys = x[real], y[real]
+        owner = torch.arange(len(mask), device=self.device)[:, None].expand_as(mask)[real]
+        total = None
+        for i in range(0, len(xs), SHARED_PASS):
+            grads, losses, correct = self._example_grads(
+                params, frozen, xs[i : i + SHARED_PASS], ys[i : i + SHARED_PASS]
+            )
+            client = owner[i : i + SHARED_PASS]
+            part = (
+                clip_and_sum_by_client(grads, client, len(mask), norm),
+                losses.new_zeros(len(mask)).index_add_(0, client, losses),
+                correct.new_zeros(len(mask)).index_add_(0, client, correct),
+            )
+            total = part if total is None else _add(total, part)
+        return total
 
     def _per_client(self, chunk: list[ClientState], attribute: str) -> Tensor:
         return torch.tensor([float(getattr(c, attribute)) for c in chunk], device=self.device)
