@@ -32,6 +32,7 @@ ENGINES = ("opacus", "vectorized")
 USER_ACCOUNTANTS = ("pld", "rdp", "prv")
 ENGINE_LOSSES = ("cross_entropy", "nll", "mse", "bce_with_logits")
 PER_EXAMPLE = ("auto", "layers", "vmap")
+MEMORY_FORMATS = ("auto", "channels_last", "preserve")
 
 
 class ConfigError(ValueError):
@@ -581,13 +582,27 @@ class EngineConfig:
     (once per process: tens of seconds on a CPU; falls back to eager, with a warning, where it fails)."""
     per_example: str = "auto"
     """``vectorized``, under DP: how each example's gradient is computed. ``layers``: one pass of the batch through
-    the module's layers and Opacus's per-layer rules (channels-last on a CPU); ``vmap``: ``torch.func`` over the
+    the module's layers and Opacus's per-layer rules (in ``engine.memory_format``); ``vmap``: ``torch.func`` over the
     examples (and the clients, on a GPU). ``auto``: ``layers`` on CPU cores when every trained layer has a rule and
     runs once per forward (about twice as fast there: benchmarks/speed.py), else ``vmap``. Both give the same
     gradients."""
+    memory_format: str = "auto"
+    """Layout of 4-D parameters and inputs while clients train: ``channels_last`` (convolutions and pooling run
+    about twice as fast in it on CPU cores: benchmarks/speed.py), ``preserve`` (as the module and data have them),
+    or ``auto``: ``channels_last`` on CPU cores, ``preserve`` on a GPU. Values are unchanged either way."""
+
+    def channels_last_on(self, device: Any) -> bool:
+        """Whether clients training on ``device`` (a ``torch.device``) use the channels-last layout."""
+        return self.memory_format == "channels_last" or (self.memory_format == "auto" and device.type == "cpu")
 
     def __post_init__(self) -> None:
         require(self.name in ENGINES, "engine.name", self.name, f"choose one of {ENGINES}")
+        require(
+            self.memory_format in MEMORY_FORMATS,
+            "engine.memory_format",
+            self.memory_format,
+            f"choose one of {MEMORY_FORMATS}",
+        )
         require(self.per_example in PER_EXAMPLE, "engine.per_example", self.per_example, f"choose one of {PER_EXAMPLE}")
         require(self.loss in ENGINE_LOSSES, "engine.loss", self.loss, f"choose one of {ENGINE_LOSSES}")
         require(

@@ -48,6 +48,8 @@ COMPOSE = [
     (["engine.name=jax"], "engine.name='jax'"),
     (["engine.loss=hinge"], "engine.loss='hinge'"),
     (["engine.clients_per_chunk=0"], "engine.clients_per_chunk=0"),
+    (["engine=vectorized", "engine.per_example=hooks"], "engine.per_example='hooks'"),
+    (["engine.memory_format=nhwc"], "engine.memory_format='nhwc'"),
     (["user_privacy=foo"], "user_privacy=foo: no such option"),
     (["user_privacy.clip=0"], "user_privacy.clip=0"),
     (["user_privacy.noise_multiplier=inf"], "user_privacy.noise_multiplier=inf"),

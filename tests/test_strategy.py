@@ -13,6 +13,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorData
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
 from fl_dp_lightning.aggregation import fedavg
+from fl_dp_lightning.privacy.per_example import channels_last
 from fl_dp_lightning.privacy.randomness import client_seed
 
 from .conftest import RecordingLogger, direct_epsilon, make_trainer
@@ -54,7 +55,10 @@ def test_one_client_without_privacy_equals_a_plain_lightning_run(synthetic):
     strategy = FederatedDPStrategy(privacy=PrivacyConfig(enabled=False), seed=seed)
     make_trainer(strategy, rounds).fit(federated, datamodule)
 
-    # plain Lightning: a shuffling loader drawing from the client's sampler stream
+    # plain Lightning: a shuffling loader drawing from the client's sampler stream, with the weights in the layout
+    # the strategy trains in on CPU cores (engine.memory_format=auto: the same values, other rounding)
+    for param in plain.parameters():
+        param.data = channels_last(param.data)
     gen = torch.Generator().manual_seed(client_seed(seed, 0))
     sampler = BatchSampler(RandomSampler(synthetic.train, generator=gen), batch, drop_last=True)
     make_trainer("auto", rounds).fit(plain, DataLoader(synthetic.train, batch_sampler=sampler))

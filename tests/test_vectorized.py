@@ -73,9 +73,9 @@ def test_sgd_step_equals_torch_sgd_over_several_steps(settings):
     torch.testing.assert_close(ours, param.detach(), rtol=1e-6, atol=1e-7)
 
 
-def fit(synthetic, engine, *, privacy=SEEDED, rounds=2, overrides=None, mu=0.0, momentum=0.0, **kwargs):
+def fit(synthetic, engine, *, privacy=SEEDED, rounds=2, overrides=None, mu=0.0, momentum=0.0, module=None, **kwargs):
     pl.seed_everything(0)
-    module = LitClassifier(small_classifier().net, lr=0.05, momentum=momentum)
+    module = module or LitClassifier(small_classifier().net, lr=0.05, momentum=momentum)
     datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=["a", "b", "c"], batch_size=32)
     strategy = FederatedDPStrategy(
         privacy=privacy, engine=engine, client_overrides=overrides, proximal_mu=mu, seed=5, log_rounds=False

@@ -30,7 +30,6 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.data import extract_batch_size
-from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import Tensor
 from typing_extensions import override
@@ -53,6 +52,7 @@ from fl_dp_lightning.data.datamodule import ClientDatasets
 from fl_dp_lightning.evaluation import evaluate_on
 from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
 from fl_dp_lightning.privacy.layers import fix_layers, unsupported_layers
+from fl_dp_lightning.privacy.per_example import ContiguousGradSampleModule, channels_last
 from fl_dp_lightning.privacy.probe import check_sensitivity
 from fl_dp_lightning.secure_aggregation import SecureSum
 from fl_dp_lightning.server import apply_server_optimizer
@@ -151,7 +151,7 @@ class FederatedRounds(ResumableRounds):
         self._holdout_batch_size = 1
         self.last_round: list[ClientReport] = []
         self._dp_optimizer: DPOptimizer | None = None
-        self._grad_sample_module: GradSampleModule | None = None
+        self._grad_sample_module: ContiguousGradSampleModule | None = None
         self._vectorized_clients: VectorizedClients | None = None
         self._restored: dict[str, Any] | None = None
         self._plan: RoundPlan | None = None
@@ -216,6 +216,9 @@ class FederatedRounds(ResumableRounds):
                 f"FederatedDPStrategy trains with exactly one optimizer; configure_optimizers returned "
                 f"{len(self.optimizers)}. Return a single optimizer."
             )
+        if not self.vectorized and self.engine.channels_last_on(self.root_device):
+            for param in self.lightning_module.parameters():  # same values and Parameter objects, faster layout
+                param.data = channels_last(param.data)
         if self.privacy.enabled:
             if not self.vectorized:
                 self._make_private()
@@ -300,7 +303,7 @@ class FederatedRounds(ResumableRounds):
         # need only the layer's output gradients
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         # Hooks go on the module's own layers; Lightning keeps calling the LightningModule itself.
-        self._grad_sample_module = GradSampleModule(
+        self._grad_sample_module = ContiguousGradSampleModule(
             module, batch_first=True, loss_reduction=self.privacy.loss_reduction, strict=True
         )
         self._dp_optimizer = DPOptimizer(

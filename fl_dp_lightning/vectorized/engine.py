@@ -34,6 +34,13 @@ from torch.optim import SGD, Optimizer
 from torch.utils.data import Dataset, TensorDataset
 
 from fl_dp_lightning.config import ConfigError, EngineConfig, PrivacyConfig
+from fl_dp_lightning.privacy.per_example import (
+    LayerRules,
+    channels_last,
+    layer_rules,
+    loaded,
+    per_example_gradients,
+)
 from fl_dp_lightning.privacy.probe import ATOL, RTOL
 from fl_dp_lightning.strategy.client import ClientState
 from fl_dp_lightning.vectorized.dpsgd import (
@@ -42,13 +49,6 @@ from fl_dp_lightning.vectorized.dpsgd import (
     clip_and_sum,
     clip_and_sum_by_client,
     sgd_step,
-)
-from fl_dp_lightning.vectorized.layer_grads import (
-    LayerRules,
-    channels_last,
-    layer_rules,
-    loaded,
-    per_example_gradients,
 )
 
 SGD_SETTINGS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
@@ -215,9 +215,9 @@ class VectorizedClients:
         if self.rules is None:
             grads, (losses, correct) = self._vmap_grads(params, frozen, x, y)
             return grads, losses, correct
-        cpu = self.device.type == "cpu"
-        with loaded(self.module, params, layout_channels_last=cpu):
-            x = channels_last(x) if cpu else x
+        layout = self.engine.channels_last_on(self.device)
+        with loaded(self.module, params, layout_channels_last=layout):
+            x = channels_last(x) if layout else x
             grads, losses, output = per_example_gradients(self.rules, self.module, x, y, self.loss)
         return grads, losses, self._correct(output, y, losses)
 

@@ -120,3 +120,16 @@ def per_example_gradients(
             if id(param) in rules.names:
                 grads[rules.names[id(param)]] = gradient
     return grads, losses.detach(), output.detach()
+
+
+class ContiguousGradSampleModule(GradSampleModule):
+    """Opacus's ``GradSampleModule`` that hands its per-layer rules each layer's input in the contiguous layout.
+
+    Opacus's convolution rule indexes its input by strides that assume that layout: with a channels-last input (a
+    module moved with ``.to(memory_format=torch.channels_last)``, or channels-last data) it computes wrong
+    per-example gradients, and so clips the wrong thing.
+    """
+
+    def capture_activations_hook(self, module: nn.Module, forward_input: list, _forward_output: Tensor) -> None:
+        inputs = [t.contiguous() if isinstance(t, Tensor) else t for t in forward_input]
+        super().capture_activations_hook(module, inputs, _forward_output)
