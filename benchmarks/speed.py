@@ -6,9 +6,12 @@ noise 1.2, clip 1.0, Poisson sampling, FedAvg) through:
 - the seed's loop as its readers write it: torchvision's FashionMNIST with ToTensor + Normalize, a DataLoader per
   client, Opacus's PrivacyEngine;
 - the hand-written tensor loop of benchmarks/seed_round.py (tensors in a DataLoader, PrivacyEngine);
-- FederatedDPStrategy with engine=opacus, with engine=vectorized, and with privacy off (engine=opacus);
+- FederatedDPStrategy with engine=opacus (also with engine.memory_format=preserve: the contiguous layout it had
+  before channels-last), with engine=vectorized (Opacus's per-layer rules on CPU cores; also with
+  engine.per_example=vmap), and with privacy off (engine=opacus);
 
-then both engines at 10, 100 and 1,000 clients of 60 synthetic examples (expected batch 30, 2 steps per client);
+then the engines at 10, 100 and 1,000 clients of 60 synthetic examples (expected batch 30, 2 steps per client):
+engine=opacus in the contiguous layout (the per-client path before), engine=opacus, engine=vectorized;
 a profile of one Opacus-engine round (top operators); and the validation accuracy of both engines after
 ``--accuracy-rounds`` rounds. Seconds per client-epoch are the median over rounds after a first warm-up round.
 Prints markdown tables and saves JSON and a PNG (default benchmarks/results/speed.*), with the device's name.
@@ -49,6 +52,10 @@ from fl_dp_lightning.data.sources import (
 )
 
 SCALE_EXAMPLES, SCALE_BATCH = 60, 30
+BEFORE = EngineConfig(memory_format="preserve")
+"""engine=opacus in the module's own (contiguous) layout: the per-client path before channels-last."""
+VMAP = EngineConfig(name="vectorized", per_example="vmap")
+SCALE_ENGINES = {"opacus_before": BEFORE, "opacus": EngineConfig(), "vectorized": EngineConfig(name="vectorized")}
 
 
 def strategy_seconds(datamodule, init, device, rounds, engine="opacus", privacy=True) -> list[float]:
@@ -190,7 +197,9 @@ def main() -> None:
             datamodule.client_datasets, init, args.rounds, device=args.device
         ),
         "FederatedDPStrategy, engine=opacus": lambda: ours(),
+        "FederatedDPStrategy, engine=opacus, memory_format=preserve": lambda: ours(engine=BEFORE),
         "FederatedDPStrategy, engine=vectorized": lambda: ours(engine="vectorized"),
+        "FederatedDPStrategy, engine=vectorized, per_example=vmap": lambda: ours(engine=VMAP),
         "FederatedDPStrategy, privacy off": lambda: ours(privacy=False),
     }
     if args.compile:
@@ -209,14 +218,12 @@ def main() -> None:
         many = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=count, batch_size=SCALE_BATCH)
         many.setup("fit")
         row = {"clients": count}
-        for engine in ("opacus", "vectorized"):
-            seconds = strategy_seconds(many, init, args.device, 2, engine)
-            row[engine] = seconds[-1]
+        for key, engine in SCALE_ENGINES.items():
+            row[key] = strategy_seconds(many, init, args.device, 2, engine)[-1]
         row["vectorized_speedup"] = row["opacus"] / row["vectorized"]
+        row["vectorized_speedup_over_before"] = row["opacus_before"] / row["vectorized"]
         scale.append(row)
-        print(
-            f"{count} clients: opacus {row['opacus']:.2f} s, vectorized {row['vectorized']:.2f} s per round", flush=True
-        )
+        print(", ".join(f"{count} clients: {k} {row[k]:.2f} s per round" for k in SCALE_ENGINES), flush=True)
 
     profile = profile_round(datamodule, init, args.device)
     accuracy = {
@@ -247,10 +254,16 @@ def report(args, origin: str, seed: dict, scale: list, profile: list, accuracy: 
     for path, row in seed.items():
         s = row["median_s_per_client_epoch"]
         lines.append(f"| {path} | {s:.2f} | {s / torchvision_loop:.2f} | {s / plain:.2f} | {s / no_dp:.2f} |")
-    lines += ["", "| clients | engine=opacus s/round | engine=vectorized s/round | speed-up |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| clients | engine=opacus, contiguous (before) s/round | engine=opacus s/round | engine=vectorized s/round "
+        "| vectorized vs before | vectorized vs opacus |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in scale:
         lines.append(
-            f"| {row['clients']} | {row['opacus']:.2f} | {row['vectorized']:.2f} | {row['vectorized_speedup']:.2f}x |"
+            f"| {row['clients']} | {row['opacus_before']:.2f} | {row['opacus']:.2f} | {row['vectorized']:.2f} "
+            f"| {row['vectorized_speedup_over_before']:.2f}x | {row['vectorized_speedup']:.2f}x |"
         )
     lines += [
         "",
@@ -293,8 +306,8 @@ def plot(path: Path, name: str, seed: dict, scale: list) -> None:
     left.barh(labels, [r["median_s_per_client_epoch"] for r in seed.values()])
     left.set(xlabel="seconds per client-epoch", title="seed workload")
     counts = [r["clients"] for r in scale]
-    for engine in ("opacus", "vectorized"):
-        right.loglog(counts, [r[engine] for r in scale], "o-", label=f"engine={engine}")
+    for key in SCALE_ENGINES:
+        right.loglog(counts, [r[key] for r in scale], "o-", label=key)
     right.set(xlabel="clients", ylabel="seconds per round", title="2 steps per client")
     right.legend()
     fig.suptitle(name)

@@ -48,9 +48,10 @@ def test_scenarios_quick_fills_every_cell(tmp_path):
 )
 def test_speed_quick_times_every_path_and_both_engines_side_by_side(tmp_path):
     result = bench("speed.py", tmp_path / "speed.json", "--quick")
-    assert len(result["seed_workload"]) == 5 and result["device_name"]
+    assert len(result["seed_workload"]) == 7 and result["device_name"]
     assert all(row["median_s_per_client_epoch"] > 0 for row in result["seed_workload"].values())
     assert [row["clients"] for row in result["scale"]["rows"]] == [4, 8]
+    assert all(row[k] > 0 for row in result["scale"]["rows"] for k in ("opacus_before", "opacus", "vectorized"))
     assert set(result["accuracy"]) == {"rounds", "opacus", "vectorized"} and result["profile_opacus_round"]
     assert (tmp_path / "speed.md").read_text().startswith("Device: ") and (tmp_path / "speed.png").exists()
 
