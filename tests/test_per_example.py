@@ -18,6 +18,7 @@ from fl_dp_lightning.privacy.per_example import (
     loaded,
     per_example_gradients,
 )
+from fl_dp_lightning.vectorized import engine as engine_module
 from fl_dp_lightning.vectorized.dpsgd import clip_and_sum, clip_and_sum_by_client
 
 from .conftest import make_trainer
@@ -179,3 +180,11 @@ def test_a_forward_the_rules_cannot_follow_falls_back_to_vmap_or_is_refused_when
     with pytest.raises(ConfigError, match="engine.per_example=layers cannot train .*use engine.per_example=vmap"):
         make_trainer(strategy, 1).fit(make(), datamodule)
     assert all(not c.accountant.history for c in strategy.clients.values())
+
+
+def test_a_first_step_cut_into_small_passes_across_clients_trains_the_same(synthetic, monkeypatch):
+    # a round's first step runs all clients' records in shared passes; passes of 5 records cut clients apart
+    whole, _ = fit(synthetic, EngineConfig(name="vectorized"), rounds=1)
+    monkeypatch.setattr(engine_module, "SHARED_PASS", 5)
+    cut, _ = fit(synthetic, EngineConfig(name="vectorized"), rounds=1)
+    assert_same_weights(whole, cut)

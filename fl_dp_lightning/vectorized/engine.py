@@ -7,9 +7,12 @@ same batches under both engines), its clip norm, its noise (Opacus's own generat
 stream), its sample rate, steps and accountant. Clients are trained in chunks sized to fit memory.
 
 On a GPU the chunk's clients are one ``vmap``; on CPU cores a loop over the chunk's clients is faster (measured:
-benchmarks/speed.py), so the engine loops there. With ``engine.compile`` each client's batch is padded to one static
-width and the step compiled; a Poisson batch wider than that is cut into several padded slices whose clipped sums
-add up, so padding never changes the result.
+benchmarks/speed.py), so the engine loops there, and takes each client's batch through the module's own layers in
+the channels-last layout, with Opacus's per-layer rules for the per-example gradients (``engine.per_example``;
+checked against ``vmap`` before training, which it falls back to). A round's first step, where every client still
+holds the global weights, runs the records of many clients in one pass. With ``engine.compile`` each client's
+batch is padded to one static width and the step compiled; a Poisson batch wider than that is cut into several
+padded slices whose clipped sums add up, so padding never changes the result.
 
 What it cannot run it refuses before any step (:meth:`VectorizedClients.check`): data that is not a
 ``TensorDataset(inputs, targets)``, BatchNorm (its running statistics are updated from the batch), optimizers
@@ -57,7 +60,7 @@ CPU_MEMORY_BUDGET = 2 * 2**30
 ACTIVATION_FACTOR = 3
 """Per-example memory as a multiple of the parameters' size (gradients, clipped copies, activations)."""
 SHARED_PASS = 1024
-"""Records per pass when the clients of a chunk share their weights (a round's first step)."""
+"""Records per pass, at most, when the clients of a chunk share their weights (a round's first step)."""
 POISSON_SPREAD = 4
 """Static width of a compiled Poisson batch: the expected size plus this many standard deviations."""
 
@@ -298,11 +301,14 @@ class VectorizedClients:
         """Clients per chunk: ``engine.clients_per_chunk``, or as many as the memory budget allows."""
         if self.engine.clients_per_chunk is not None:
             return self.engine.clients_per_chunk
+        records = max(c.batch_size for c in clients) if self.privacy.enabled else 1
+        return max(1, self._records_in_memory() // (2 * records))  # twice the expected batch: Poisson's spread
+
+    def _records_in_memory(self) -> int:
+        """How many records' per-example gradients fit the memory budget at once."""
         budget = CPU_MEMORY_BUDGET if self.device.type != "cuda" else torch.cuda.mem_get_info(self.device)[0] // 2
         numel = sum(p.numel() for n, p in self.module.named_parameters() if n in self.trained)
-        records = max(c.batch_size for c in clients) if self.privacy.enabled else 1
-        per_client = ACTIVATION_FACTOR * 4 * numel * 2 * records  # twice the expected batch: Poisson's spread
-        return max(1, int(budget // per_client))
+        return int(budget // (ACTIVATION_FACTOR * 4 * numel))
 
     def train(self, clients: Sequence[ClientState], proximal_mu: float = 0.0) -> Iterator[ClientUpdate]:
         """Each client's round from the module's current (global) weights, chunk after chunk."""
@@ -403,12 +409,11 @@ class VectorizedClients:
         real = mask.bool()
         xs, ys = x[real], y[real]
         owner = torch.arange(len(mask), device=self.device)[:, None].expand_as(mask)[real]
+        size = max(1, min(SHARED_PASS, self._records_in_memory()))
         total = None
-        for i in range(0, len(xs), SHARED_PASS):
-            grads, losses, correct = self._example_grads(
-                params, frozen, xs[i : i + SHARED_PASS], ys[i : i + SHARED_PASS]
-            )
-            client = owner[i : i + SHARED_PASS]
+        for i in range(0, len(xs), size):
+            grads, losses, correct = self._example_grads(params, frozen, xs[i : i + size], ys[i : i + size])
+            client = owner[i : i + size]
             part = (
                 clip_and_sum_by_client(grads, client, len(mask), norm),
                 losses.new_zeros(len(mask)).index_add_(0, client, losses),
