@@ -20,6 +20,8 @@ class RoundPlan:
     segments: tuple[tuple[str, int], ...]
     starts: dict[int, str] = field(init=False, repr=False)
     ends: dict[int, str] = field(init=False, repr=False)
+    num_batches: int = field(init=False, repr=False)
+    """Batches in the round (read every step: computed once)."""
 
     def __post_init__(self) -> None:
         starts, ends, position = {}, {}, 0
@@ -31,10 +33,7 @@ class RoundPlan:
             ends[position - 1] = name
         object.__setattr__(self, "starts", starts)
         object.__setattr__(self, "ends", ends)
-
-    @property
-    def num_batches(self) -> int:
-        return sum(steps for _, steps in self.segments)
+        object.__setattr__(self, "num_batches", position)
 
     @property
     def clients(self) -> list[str]:
