@@ -35,6 +35,7 @@ def layer_rules(module: nn.Module, trained: Sequence[str]) -> LayerRules | str:
     trained parameter held by a layer without a rule, or shared between layers)."""
     wanted = set(trained)
     names: dict[int, str] = {}
+    seen: set[int] = set()
     layers = []
     for prefix, layer in module.named_modules(remove_duplicate=False):
         own = [(f"{prefix}.{n}" if prefix else n, p) for n, p in layer.named_parameters(recurse=False)]
@@ -43,8 +44,9 @@ def layer_rules(module: nn.Module, trained: Sequence[str]) -> LayerRules | str:
             continue
         if type(layer) not in GradSampleModule.GRAD_SAMPLERS:
             return f"{type(layer).__name__} ({prefix or 'the module itself'}) has no per-example rule in Opacus"
-        if any(id(p) in names for _, p in own):
+        if any(id(p) in seen for _, p in own):
             return f"{type(layer).__name__} ({prefix}) shares a parameter with another layer"
+        seen.update(id(p) for _, p in own)
         names.update((id(p), name) for name, p in own if name in wanted)
         layers.append(layer)
     missing = wanted - set(names.values())
