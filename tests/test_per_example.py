@@ -146,6 +146,8 @@ def test_a_cnn_trains_the_same_rounds_by_rules_by_vmap_and_by_the_opacus_engine(
         synthetic, EngineConfig(name="vectorized", per_example="layers", memory_format=memory_format)
     )
     assert rules._vectorized_clients.rules is not None
+    # the Opacus engine trained channels-last on CPU cores and gave the module its own layout back
+    assert all(p.is_contiguous() for p in opacus_module.parameters())
     assert_same_weights(vmap_module, rules_module)
     assert_same_weights(opacus_module, rules_module)
     assert rules.epsilons() == opacus.epsilons()

@@ -168,6 +168,7 @@ class FederatedRounds(ResumableRounds):
         self._round_schedule: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
         self._probing = False
         self._grad_hooks: list[Any] = []
+        self._relaid: list[Tensor] = []
         self.withheld_logs: set[str] = set()
         self.planned_rounds: int | None = None
         self.rounds_trained = 0
@@ -217,7 +218,9 @@ class FederatedRounds(ResumableRounds):
                 f"{len(self.optimizers)}. Return a single optimizer."
             )
         if not self.vectorized and self.engine.channels_last_on(self.root_device):
-            for param in self.lightning_module.parameters():  # same values and Parameter objects, faster layout
+            # same values and Parameter objects in a faster layout; teardown gives the module its own back
+            self._relaid = [p for p in self.lightning_module.parameters() if p.dim() == 4 and p.is_contiguous()]
+            for param in self._relaid:
                 param.data = channels_last(param.data)
         if self.privacy.enabled:
             if not self.vectorized:
@@ -853,6 +856,9 @@ class FederatedRounds(ResumableRounds):
         for handle in self._grad_hooks:
             handle.remove()
         self._grad_hooks = []
+        for param in self._relaid:
+            param.data = param.data.contiguous()
+        self._relaid = []
         if self.lightning_module is not None:
             self.lightning_module.__dict__.pop("log", None)
         if isinstance(self._vectorized_clients, SyftClients):
