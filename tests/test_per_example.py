@@ -63,7 +63,7 @@ def test_per_layer_rules_give_each_examples_own_gradient(layout_channels_last):
     rules = layer_rules(net, trained)
     assert not isinstance(rules, str), rules
     params = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
-    with loaded(net, params, layout_channels_last=layout_channels_last):
+    with loaded(rules.parameters, params, layout_channels_last=layout_channels_last):
         got, losses, output = per_example_gradients(
             rules,
             net,
@@ -83,7 +83,7 @@ def test_loaded_swaps_values_in_and_back_out():
     net = conv_net()
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     zeros = {"0.weight": torch.zeros(4, 1, 5, 5)}
-    with loaded(net, zeros, layout_channels_last=True):
+    with loaded(dict(net.named_parameters()), zeros, layout_channels_last=True):
         assert float(net[0].weight.abs().sum()) == 0
         assert net[0].weight.stride() == (25, 1, 5, 1)  # channels-last strides even with one input channel
     for name, value in net.named_parameters():

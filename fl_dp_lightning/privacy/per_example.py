@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from opacus import GradSampleModule
@@ -23,18 +23,22 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class LayerRules:
-    """The layers that hold the trained parameters, each with Opacus's rule, and the parameters' names."""
+    """The layers that hold the trained parameters, each with Opacus's rule, and those parameters by name."""
 
     layers: tuple[nn.Module, ...]
-    names: dict[int, str]
-    """``id(parameter)`` -> its name in the module."""
+    parameters: dict[str, nn.Parameter]
+    names: dict[int, str] = field(init=False)
+    """``id(parameter)`` -> its name in the module (Opacus's rules key their results by parameter)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", {id(p): name for name, p in self.parameters.items()})
 
 
 def layer_rules(module: nn.Module, trained: Sequence[str]) -> LayerRules | str:
     """The layers holding ``trained`` parameters, or why Opacus's per-layer rules cannot give their gradients (a
     trained parameter held by a layer without a rule, or shared between layers)."""
     wanted = set(trained)
-    names: dict[int, str] = {}
+    parameters: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     layers = []
     for prefix, layer in module.named_modules(remove_duplicate=False):
@@ -47,12 +51,12 @@ def layer_rules(module: nn.Module, trained: Sequence[str]) -> LayerRules | str:
         if any(id(p) in seen for _, p in own):
             return f"{type(layer).__name__} ({prefix}) shares a parameter with another layer"
         seen.update(id(p) for _, p in own)
-        names.update((id(p), name) for name, p in own if name in wanted)
+        parameters.update((name, p) for name, p in own if name in wanted)
         layers.append(layer)
-    missing = wanted - set(names.values())
+    missing = wanted - set(parameters)
     if missing:
         return f"trained parameters {sorted(missing)} are not a layer's own"
-    return LayerRules(tuple(layers), names)
+    return LayerRules(tuple(layers), parameters)
 
 
 def channels_last(tensor: Tensor) -> Tensor:
@@ -68,10 +72,9 @@ def channels_last(tensor: Tensor) -> Tensor:
 
 
 @contextmanager
-def loaded(module: nn.Module, params: Mapping[str, Tensor], layout_channels_last: bool) -> Iterator[None]:
-    """The module with ``params`` in place of its own parameters' values (4-D ones channels-last when asked: the
-    layout in which CPU convolutions and pooling run fastest); its own values come back on exit."""
-    own = dict(module.named_parameters())
+def loaded(own: Mapping[str, nn.Parameter], params: Mapping[str, Tensor], layout_channels_last: bool) -> Iterator[None]:
+    """The parameters ``own`` (a module's, by name) holding the values ``params`` (4-D ones channels-last when asked:
+    the layout in which CPU convolutions and pooling run fastest); their own values come back on exit."""
     kept = {name: own[name].data for name in params}
     try:
         for name, value in params.items():
@@ -97,8 +100,7 @@ def per_example_gradients(
     calls = dict.fromkeys(rules.layers, 0)
 
     def capture(layer: nn.Module, args: tuple, output: Tensor) -> None:
-        # Opacus's convolution rule indexes its input by strides that assume the contiguous layout
-        inputs[layer] = [a.detach().contiguous() if isinstance(a, Tensor) else a for a in args]
+        inputs[layer] = rule_inputs([a.detach() if isinstance(a, Tensor) else a for a in args])
         outputs[layer] = output
         calls[layer] += 1
 
@@ -133,5 +135,10 @@ class ContiguousGradSampleModule(GradSampleModule):
     """
 
     def capture_activations_hook(self, module: nn.Module, forward_input: list, _forward_output: Tensor) -> None:
-        inputs = [t.contiguous() if isinstance(t, Tensor) else t for t in forward_input]
-        super().capture_activations_hook(module, inputs, _forward_output)
+        super().capture_activations_hook(module, rule_inputs(forward_input), _forward_output)
+
+
+def rule_inputs(args: Sequence) -> list:
+    """A layer's inputs as Opacus's per-layer rules need them: its convolution rule indexes its input by strides
+    that assume the contiguous layout, and misreads a channels-last one."""
+    return [a.contiguous() if isinstance(a, Tensor) else a for a in args]

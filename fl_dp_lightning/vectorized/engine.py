@@ -148,6 +148,7 @@ class VectorizedClients:
         self.targets = torch.cat([d.tensors[1] for d in datasets.values()]).to(device)
         self.width = max(static_width(c.batch_size, c.poisson) for c in clients) if engine.compile else None
         self.rules = self._layer_rules()
+        self.channels_last = engine.channels_last_on(device)
         self.clients_at_once = device.type == "cuda" and self.rules is None
         self._vmap_grads = vmap(
             grad(self._example_loss, has_aux=True), in_dims=(None, None, 0, 0), randomness="different"
@@ -218,9 +219,8 @@ class VectorizedClients:
         if self.rules is None:
             grads, (losses, correct) = self._vmap_grads(params, frozen, x, y)
             return grads, losses, correct
-        layout = self.engine.channels_last_on(self.device)
-        with loaded(self.module, params, layout_channels_last=layout):
-            x = channels_last(x) if layout else x
+        with loaded(self.rules.parameters, params, layout_channels_last=self.channels_last):
+            x = channels_last(x) if self.channels_last else x
             grads, losses, output = per_example_gradients(self.rules, self.module, x, y, self.loss)
         return grads, losses, self._correct(output, y, losses)
 
