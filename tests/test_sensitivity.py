@@ -10,7 +10,7 @@ from opacus import GradSampleModule
 from torch import nn
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
-from fl_dp_lightning.privacy.probe import check_sensitivity
+from fl_dp_lightning.privacy.probe import check_sensitivity, random_batch_like
 from fl_dp_lightning.strategy.sampling import take_batch
 
 from .conftest import make_trainer
@@ -71,7 +71,7 @@ class RunningDataMean(UnawareModule):
     [
         (BatchMeanLogits, {}, "removing one record changed the other records' per-example gradients"),
         (InBatchMixup, {}, "mixes records of a batch .* mixup"),
-        (FoldedRecords, {}, "6 records: the forward folds records into the batch axis"),
+        (FoldedRecords, {}, "for a batch of 32 records: the forward folds records into the batch axis"),
         (UnawareModule, {"loss_reduction": "sum"}, "reduces over the batch by mean, .*set privacy.loss_reduction=mean"),
         (SumLoss, {}, "reduces over the batch by sum, .*set privacy.loss_reduction=sum"),
         (RegularizerInTheLoss, {}, "depends on the parameters alone .*weight_decay"),
@@ -116,8 +116,14 @@ def test_the_probe_leaves_no_trace_in_the_users_metrics_or_weights(synthetic):
     before = weights(module)
     wrapped = GradSampleModule(module, batch_first=True, loss_reduction="mean", strict=True)
     module.log = lambda *a, **k: None
+    template = take_batch(synthetic.train, [])
+    generator = torch.Generator().manual_seed(0)
     check_sensitivity(
-        module, lambda b: module.training_step(b, 0), take_batch(synthetic.train, []), loss_reduction="mean"
+        module,
+        lambda b: module.training_step(b, 0),
+        lambda size: random_batch_like(template, size, generator, 10),
+        sizes=[6, 32],
+        loss_reduction="mean",
     )
     wrapped._close()
     assert all(torch.equal(before[k], v) for k, v in weights(module).items())

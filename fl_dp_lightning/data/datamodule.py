@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler, Subset, TensorDataset
 
 from fl_dp_lightning.config import ClientConfig, ConfigError, DataConfig
@@ -27,9 +28,25 @@ class ClientDatasets:
 
     It is not iterable on its own: :class:`~fl_dp_lightning.FederatedDPStrategy` decides which records each
     batch holds (Poisson sampling), because the privacy accounting depends on it.
+
+    Args:
+        datasets: each client's training set, by client name.
+        batch_size: expected records per client batch.
+        holdouts: each client's held-out records, to evaluate the global model on.
+        public: public records in the clients' format (the shared test set), from which the sensitivity probe
+            draws its batches (the data's scale and classes); random records when ``None``.
+        num_classes: the number of classes of integer labels (public), for the probe's random labels.
     """
 
-    def __init__(self, datasets: Mapping[str, Dataset], batch_size: int, holdouts: Mapping[str, Dataset] | None = None):
+    def __init__(
+        self,
+        datasets: Mapping[str, Dataset],
+        batch_size: int,
+        holdouts: Mapping[str, Dataset] | None = None,
+        *,
+        public: Dataset | None = None,
+        num_classes: int | None = None,
+    ):
         if not datasets:
             raise ConfigError("ClientDatasets needs at least one client")
         if batch_size < 1:
@@ -44,6 +61,8 @@ class ClientDatasets:
         self.batch_size = batch_size
         self.holdouts = dict(holdouts or {})
         """Each client's held-out records, to evaluate the global model on (none unless asked for)."""
+        self.public = public
+        self.num_classes = num_classes
 
     def __iter__(self) -> Iterator:
         raise TypeError(
@@ -145,6 +164,8 @@ class FederatedDataModule(pl.LightningDataModule):
         self.client_datasets: dict[str, Dataset] = {}
         self.client_holdouts: dict[str, Dataset] = {}
         self.test_set: Dataset | None = None
+        self.num_classes: int | None = None
+        """Classes of the integer labels, read from the public test set (``None`` for other targets)."""
         self.data_origin: str | None = None
 
     @staticmethod
@@ -207,6 +228,8 @@ class FederatedDataModule(pl.LightningDataModule):
             self._hold_out()
         if self.drop_small_clients:
             self._drop_small_clients()
+        self.num_classes = integer_classes(self.test_set)
+        check_labels(self.client_datasets, self.num_classes)
         self.data_origin = origin
         self.hparams["data_origin"] = origin
         rank_zero_info(f"Data: {origin}; {describe_sizes(self.client_sizes())}; test examples {len(self.test_set)}")
@@ -267,7 +290,13 @@ class FederatedDataModule(pl.LightningDataModule):
         return dirichlet_partition(labels, n, self.dirichlet_alpha, self.seed)
 
     def train_dataloader(self) -> ClientDatasets:
-        return ClientDatasets(self.client_datasets, self.batch_size, self.client_holdouts)
+        return ClientDatasets(
+            self.client_datasets,
+            self.batch_size,
+            self.client_holdouts,
+            public=self.test_set,
+            num_classes=self.num_classes,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return eval_loader(self.test_set, self.eval_batch_size)
@@ -278,6 +307,35 @@ class FederatedDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The shared test set (public), for ``trainer.predict(model, datamodule=...)``."""
         return eval_loader(self.test_set, self.eval_batch_size)
+
+
+def _integer_labels(dataset: Dataset) -> Tensor | None:
+    """The labels of a ``TensorDataset(inputs, integer labels)``, else ``None``."""
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        labels = dataset.tensors[1]
+        if labels.dim() == 1 and not labels.is_floating_point() and labels.dtype != torch.bool:
+            return labels
+    return None
+
+
+def integer_classes(test: Dataset) -> int | None:
+    """The number of classes of a public test set of integer labels (its largest label + 1), else ``None``."""
+    labels = _integer_labels(test)
+    return None if labels is None or len(labels) == 0 else int(labels.max()) + 1
+
+
+def check_labels(datasets: Mapping[str, Dataset], num_classes: int | None) -> None:
+    """Refuses, before any training, a client whose integer labels fall outside ``[0, num_classes)``: every one
+    of its steps would fail inside the loss, after privacy was spent."""
+    if num_classes is None:
+        return
+    for name, dataset in datasets.items():
+        labels = _integer_labels(dataset)
+        if labels is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ConfigError(
+                f"client {name!r} holds training labels outside [0, {num_classes}), the classes of the test set: "
+                "relabel its data to the test set's classes (or give a test set with every class)"
+            )
 
 
 def describe_sizes(sizes: Mapping[str, int], listed: int = 10) -> str:

@@ -19,7 +19,7 @@ import math
 import secrets
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from itertools import islice
 from typing import Any
 
@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.data import extract_batch_size
 from opacus.optimizers import DPOptimizer
 from torch import Tensor
+from torch.utils.data import TensorDataset
 from typing_extensions import override
 
 from fl_dp_lightning.aggregation import RunningAverage, averaged_keys
@@ -53,12 +54,12 @@ from fl_dp_lightning.evaluation import evaluate_on
 from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
 from fl_dp_lightning.privacy.layers import fix_layers, unsupported_layers
 from fl_dp_lightning.privacy.per_example import ContiguousGradSampleModule, channels_last
-from fl_dp_lightning.privacy.probe import check_sensitivity
+from fl_dp_lightning.privacy.probe import check_sensitivity, probe_sizes, random_batch_like
 from fl_dp_lightning.secure_aggregation import SecureSum
 from fl_dp_lightning.server import apply_server_optimizer
 from fl_dp_lightning.strategy.client import ClientReport, ClientState, make_client
 from fl_dp_lightning.strategy.resume import ResumableRounds
-from fl_dp_lightning.strategy.sampling import on_device, take_batch
+from fl_dp_lightning.strategy.sampling import call_training_step, on_device, same_format, take_batch
 from fl_dp_lightning.strategy.schedule import RoundPlan, clients_per_round, plan_round
 from fl_dp_lightning.strategy.user_level import UserLevelDP
 from fl_dp_lightning.syft_runtime.clients import SyftClients, import_syft
@@ -415,6 +416,7 @@ class FederatedRounds(ResumableRounds):
             engine=self.engine,
             privacy=self.privacy,
             device=self.root_device,
+            public=data.public if isinstance(data.public, TensorDataset) else None,
         )
 
     def _make_syft(self, data: ClientDatasets) -> SyftClients:
@@ -462,16 +464,15 @@ class FederatedRounds(ResumableRounds):
     def _probe_sensitivity(self, data: ClientDatasets) -> None:
         """Refuses, before any step, modules whose per-example gradients would not bound a record's influence."""
         module = self.lightning_module
-        template = take_batch(next(iter(data.datasets.values())), [])  # structure only: zero records
-        template = self.batch_to_device(template)
         guard = module.__dict__.get("log")
-        module.log = _no_log  # the probe's random records are nobody's metrics
+        module.log = _no_log  # the probe's records are nobody's metrics
         self._probing = True
         try:
             check_sensitivity(
                 module,
-                lambda batch: module.training_step(batch, 0),
-                template,
+                lambda batch: call_training_step(module, batch),
+                self._probe_batches(data),
+                sizes=probe_sizes([c.batch_size for c in self.clients.values()]),
                 loss_reduction=self.privacy.loss_reduction,
             )
         except RuntimeError as err:
@@ -488,6 +489,22 @@ class FederatedRounds(ResumableRounds):
                 del module.log
             else:
                 module.log = guard
+
+    def _probe_batches(self, data: ClientDatasets) -> Callable[[int], Any]:
+        """The probe's batches of a given size: records of the public set where it has the clients' format (their
+        scale and classes), else random records shaped like a client's (no client record is read)."""
+        template = take_batch(next(iter(data.datasets.values())), [])  # structure only: zero records
+        public = data.public if data.public is not None and same_format(data.public, template) else None
+        generator = torch.Generator().manual_seed(0)
+
+        def batch(size: int) -> Any:
+            if public is not None:
+                drawn = take_batch(public, torch.randint(len(public), (size,), generator=generator).tolist())
+            else:
+                drawn = random_batch_like(template, size, generator, data.num_classes)
+            return self.batch_to_device(drawn)
+
+        return batch
 
     def _calibrate_noise(self) -> None:
         """Sets each client's noise multiplier so that all planned rounds spend ``privacy.target_epsilon``."""

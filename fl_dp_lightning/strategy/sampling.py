@@ -6,6 +6,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import BatchSampler, Dataset, RandomSampler, TensorDataset, default_collate
 
@@ -70,3 +71,31 @@ def _first_rows(batch: Any, n: int) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_first_rows(v, n) for v in batch)
     return batch
+
+
+def same_format(dataset: Dataset, template: Any) -> bool:
+    """Whether ``dataset``'s batches have the structure, trailing shapes and dtypes of ``template`` (a batch)."""
+    if len(dataset) == 0:
+        return False
+    try:
+        batch = take_batch(dataset, [0])
+    except Exception:  # a data set in another format
+        return False
+    return _structure(batch) == _structure(template)
+
+
+def _structure(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return ("tensor", tuple(batch.shape[1:]), batch.dtype)
+    if isinstance(batch, dict):
+        return {k: _structure(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return [_structure(v) for v in batch]
+    return type(batch).__name__
+
+
+def call_training_step(module: Any, batch: Any) -> Any:
+    """``module.training_step`` called as Lightning calls it: with ``batch_idx`` where its signature takes one."""
+    if is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2):
+        return module.training_step(batch, 0)
+    return module.training_step(batch)

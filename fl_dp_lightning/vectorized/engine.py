@@ -44,7 +44,8 @@ from fl_dp_lightning.privacy.per_example import (
     loaded,
     per_example_gradients,
 )
-from fl_dp_lightning.privacy.probe import ATOL, RTOL
+from fl_dp_lightning.privacy.probe import ATOL, RTOL, changed_attributes, probe_sizes, tensor_attributes
+from fl_dp_lightning.strategy.sampling import same_format
 from fl_dp_lightning.strategy.client import ClientState
 from fl_dp_lightning.vectorized.dpsgd import (
     CLASSIFICATION_LOSSES,
@@ -119,6 +120,8 @@ class VectorizedClients:
         engine: the loss, chunk size and compilation.
         privacy: clipping, noise and loss reduction (``enabled=False``: plain local SGD on the batch).
         device: where the data is kept (moved once) and the clients train.
+        public: public records in the clients' format (the shared test set), for the trial before training (the
+            data's scale); random records when ``None``.
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class VectorizedClients:
         engine: EngineConfig,
         privacy: PrivacyConfig,
         device: torch.device,
+        public: TensorDataset | None = None,
     ):
         self.module = module
         self.optimizer = optimizer
@@ -154,6 +158,8 @@ class VectorizedClients:
             grad(self._example_loss, has_aux=True), in_dims=(None, None, 0, 0), randomness="different"
         )
         self._step = self._prepare(self._client_sums)
+        self._trial_sizes = probe_sizes([c.batch_size for c in clients])
+        self._public = public if public is not None and same_format(public, (self.inputs[:0], self.targets[:0])) else None
         self._trial()
 
     def _layer_rules(self) -> LayerRules | None:
@@ -225,9 +231,10 @@ class VectorizedClients:
         return grads, losses, self._correct(output, y, losses)
 
     def _trial(self) -> None:
-        """Runs one step on two random records shaped like the data (no client record is used): refuses a forward
-        torch.func cannot transform, checks Opacus's per-layer rules against ``vmap`` (each example alone), and
-        falls back to ``vmap`` or eager where the rules or compilation fail."""
+        """Runs one step on random records shaped like the data (no client record is used): refuses a forward
+        torch.func cannot transform or that keeps state across calls, checks Opacus's per-layer rules against
+        ``vmap`` (each example alone) at the clients' batch sizes and their Poisson tail, and falls back to
+        ``vmap`` or eager where the rules or compilation fail."""
         width = self.width or 2
         x = torch.randn((1, width, *self.inputs.shape[1:]), device=self.device).to(self.inputs.dtype)
         y = torch.zeros((1, width, *self.targets.shape[1:]), dtype=self.targets.dtype, device=self.device)
@@ -236,8 +243,10 @@ class VectorizedClients:
         failure = None
         try:
             self._run_step(*self._start_weights(1), x, y, mask, torch.ones(1, device=self.device))
-            if self.rules is not None:
-                self._compare_rules(x[0, :2], y[0, :2])
+            if self.privacy.enabled:
+                self._check_per_example()
+        except ConfigError:
+            raise
         except Exception as err:
             failure = err
         changed = [name for name, b in self.module.named_buffers() if not torch.equal(b, before[name])]
@@ -252,16 +261,40 @@ class VectorizedClients:
             )
         return None
 
-    def _compare_rules(self, x: Tensor, y: Tensor) -> None:
-        """Raises when the per-layer rules' gradients differ from each example's own (``vmap``): a forward that
-        mixes a batch's examples, or a layer its rule misreads."""
+    def _trial_batch(self, size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``size`` public records (drawn with replacement), else random ones at the normalised scale."""
+        if self._public is not None:
+            index = torch.randint(len(self._public), (size,), generator=generator)
+            x, y = (t[index].to(self.device) for t in self._public.tensors)
+            return x, y
+        x = torch.randn((size, *self.inputs.shape[1:]), generator=generator).to(self.device, self.inputs.dtype)
+        y = torch.zeros((size, *self.targets.shape[1:]), dtype=self.targets.dtype, device=self.device)
+        return x, y
+
+    def _check_per_example(self) -> None:
+        """At each trial size: the same batch twice gives the same per-example gradients (else the forward keeps
+        state across calls: refused), and the per-layer rules give each example's own (``vmap``) gradient (else
+        RuntimeError: the forward mixes a batch's examples, or a rule misreads a layer; ``vmap`` takes over)."""
         params, frozen = self._start_weights(1)
         params = {n: p[0] for n, p in params.items()}
-        expected, _ = self._vmap_grads(params, frozen, x, y)
-        got, _, _ = self._example_grads(params, frozen, x, y)
-        for name, value in expected.items():
-            if not torch.allclose(got[name], value, rtol=RTOL, atol=ATOL):
-                raise RuntimeError(f"the per-layer rules' gradient of {name} is not each example's own")
+        generator = torch.Generator().manual_seed(0)
+        for size in self._trial_sizes:
+            x, y = self._trial_batch(size, generator)
+            held = tensor_attributes(self.module)
+            got, _, _ = self._example_grads(params, frozen, x, y)
+            again, _, _ = self._example_grads(params, frozen, x, y)
+            if not all(torch.allclose(got[n], again[n], rtol=RTOL, atol=ATOL) for n in got):
+                names = changed_attributes(held, tensor_attributes(self.module))
+                raise ConfigError(
+                    f"engine=vectorized: {type(self.module).__name__}.forward gives other gradients for the same "
+                    f"batch on its second call: it keeps state across calls{f' in {names}' if names else ''}, which "
+                    "would carry one client's records into another's update; compute forward from its input alone"
+                )
+            if self.rules is not None:
+                expected, _ = self._vmap_grads(params, frozen, x, y)
+                for name, value in expected.items():
+                    if not torch.allclose(got[name], value, rtol=RTOL, atol=ATOL):
+                        raise RuntimeError(f"the per-layer rules' gradient of {name} is not each example's own")
 
     def _recover(self, err: Exception) -> None:
         """After a failed trial: ``vmap`` instead of the per-layer rules, eager instead of compiled, or a refusal."""
@@ -389,7 +422,9 @@ class VectorizedClients:
     ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         if self.clients_at_once:
             return self._step(params, frozen, x, y, mask, norm)
-        if shared and self.privacy.enabled and not self.width and bool(mask.any()):
+        # records of several clients share a pass only where each record is its own forward (vmap): a forward
+        # through the layers sees the whole pass and could mix one client's records into another's gradients
+        if shared and self.rules is None and self.privacy.enabled and not self.width and bool(mask.any()):
             return self._shared_sums({n: p[0] for n, p in params.items()}, frozen, x, y, mask, norm)
         # eager steps take each client's real records alone; compiled ones keep the static width
         lengths = [len(m) for m in mask] if self.width else mask.sum(1).clamp(min=1).int().tolist()
