@@ -13,10 +13,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrategy, PrivacyConfig
 from fl_dp_lightning.aggregation import RunningAverage
 from fl_dp_lightning.config import UserPrivacyConfig
-from fl_dp_lightning.privacy.user_level import clip_update, noised_mean, update_noise_multiplier, update_norm
+from fl_dp_lightning.privacy.user_level import COUNT_SENSITIVITY, clip_update, noised_mean, update_noise_multiplier, update_norm
 from fl_dp_lightning.strategy.user_level import UserLevelDP
 
-from .conftest import make_trainer
+from .conftest import RecordingLogger, make_trainer
 from .test_config import composed
 from .test_strategy import small_classifier, weights
 
@@ -42,21 +42,45 @@ def test_the_server_noise_has_standard_deviation_z_times_clip_over_expected_clie
     assert measured == pytest.approx(expected, rel=5 / math.sqrt(2 * 200_000))  # 5 standard errors
 
 
-def test_the_count_query_and_the_update_noise_compose_to_the_stated_noise_multiplier():
-    for z, count_std in [(1.0, 5.0), (0.8, 1.0), (2.0, 1.5)]:
-        z_update = update_noise_multiplier(z, count_std)
-        assert z_update > z
-        assert (z_update**-2 + (2 * count_std) ** -2) ** -0.5 == pytest.approx(z, rel=1e-12)
+@pytest.mark.parametrize("fits", [True, False], ids=["its_update_fits", "its_update_is_clipped"])
+def test_the_released_count_moves_by_the_sensitivity_its_noise_is_accounted_for(fits):
+    """Two neighbouring client sets (one client more) through the server's mechanism with the same seeded noise:
+    the released count, read back from the released clip, moves by the count's accounted sensitivity, and the
+    noise split at that measured sensitivity composes to the noise multiplier the accountant holds."""
+    config = UserPrivacyConfig(enabled=True, noise_multiplier=1.0, clip=1.0, adaptive_clipping=True, count_noise=2.0)
+
+    def server() -> UserLevelDP:
+        return UserLevelDP(config, sample_rate=1.0, num_clients=10, seeded=True, seed=5, device=torch.device("cpu"))
+
+    def released_clip(norms: list[float]) -> float:
+        mechanism = server()
+        for norm in norms:
+            mechanism.clipped({"w": torch.tensor([norm], dtype=torch.float64)})
+        mechanism.release({"w": torch.zeros(1, dtype=torch.float64)})
+        return mechanism.clip
+
+    others = [0.5, 2.0, 0.1, 3.0]
+    without, with_one_more = released_clip(others), released_clip([*others, 0.5 if fits else 5.0])
+    # clip' = clip * exp(-lr * (count / expected + 1/2 - quantile)): the count moved by log(ratio) * expected / lr
+    moved = abs(math.log(with_one_more / without)) * 10 / config.clip_learning_rate
+    assert moved == pytest.approx(COUNT_SENSITIVITY, rel=1e-9)
+    z_update = server().update_noise()
+    assert (z_update**-2 + (moved / 2.0) ** 2) ** -0.5 == pytest.approx(config.noise_multiplier, rel=1e-12)
     with pytest.raises(ValueError, match="must exceed"):
         update_noise_multiplier(1.0, 0.4)
 
 
-def fit(synthetic, user, *, clients=12, rounds=3, fraction=0.5, sampling="poisson", privacy=OFF, **kwargs):
+ENGINES = pytest.mark.parametrize("engine", ["opacus", "vectorized"])
+
+
+def fit(
+    synthetic, user, *, clients=12, rounds=3, fraction=0.5, sampling="poisson", privacy=OFF, engine="opacus", **kwargs
+):
     pl.seed_everything(0)
     module = small_classifier()
     datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=clients, batch_size=20)
     strategy = FederatedDPStrategy(
-        privacy=privacy, user_privacy=user, client_fraction=fraction, client_sampling=sampling, seed=4
+        privacy=privacy, user_privacy=user, client_fraction=fraction, client_sampling=sampling, seed=4, engine=engine
     )
     make_trainer(strategy, rounds, **kwargs).fit(module, datamodule)
     return module, strategy
@@ -75,10 +99,11 @@ def test_each_clients_contribution_is_clipped_to_the_norm_in_a_real_run(syntheti
     assert len(norms) == 12 and max(norms) <= 0.05 * (1 + 1e-6) and min(norms) > 0.04  # the updates exceed 0.05
 
 
+@ENGINES
 @pytest.mark.parametrize("accountant", ["pld", "rdp", "prv"])
-def test_the_user_level_epsilon_equals_a_direct_accountant_computation(synthetic, accountant):
+def test_the_user_level_epsilon_equals_a_direct_accountant_computation(synthetic, accountant, engine):
     user = UserPrivacyConfig(enabled=True, noise_multiplier=0.9, clip=0.5, accountant=accountant)
-    _, strategy = fit(synthetic, user, rounds=3, fraction=0.5)
+    _, strategy = fit(synthetic, user, rounds=3, fraction=0.5, engine=engine)
     event = dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(0.9))
     add_remove = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
     if accountant == "rdp":
@@ -92,16 +117,37 @@ def test_the_user_level_epsilon_equals_a_direct_accountant_computation(synthetic
     assert strategy.user_level.accountant.history == [(0.9, 0.5, 3)]
 
 
-def test_a_round_nobody_joins_still_releases_noise_and_is_accounted(synthetic):
+@ENGINES
+def test_a_round_nobody_joins_still_releases_noise_and_is_accounted(synthetic, engine):
     user = UserPrivacyConfig(enabled=True, noise_multiplier=1.0, clip=0.1)
     before = weights(small_classifier())
     seeded = PrivacyConfig(enabled=False, unsafe_seeded_randomness=True)  # the same (empty) rounds every time
-    module, strategy = fit(synthetic, user, fraction=1e-4, rounds=2, privacy=seeded)
+    module, strategy = fit(synthetic, user, fraction=1e-4, rounds=2, privacy=seeded, engine=engine)
     assert sum(c.steps_taken for c in strategy.clients.values()) == 0  # nobody trained in either round
     assert strategy.user_level.accountant.history == [(1.0, 1e-4, 2)]
     assert strategy.user_level.report(guaranteed=True)["not_covered"][0].startswith("which clients took part")
     changed = [not torch.equal(v, before[k]) for k, v in weights(module).items()]
     assert all(changed)  # every parameter moved by the server's noise alone
+
+
+@ENGINES
+def test_every_round_is_accounted_when_poisson_client_sampling_leaves_some_empty(synthetic, engine):
+    """Four clients at q = 0.15: most rounds have nobody; the model moves in each (server noise) and the
+    user-level epsilon is dp-accounting's PLD of all the rounds, empty ones included."""
+    user = UserPrivacyConfig(enabled=True, noise_multiplier=1.0, clip=0.1)
+    seeded = PrivacyConfig(enabled=False, unsafe_seeded_randomness=True)
+    logger = RecordingLogger()
+    _, strategy = fit(synthetic, user, clients=4, fraction=0.15, rounds=8, privacy=seeded, engine=engine, logger=logger)
+    steps = [step for step, m in logger.records if "privacy/user_epsilon" in m]
+    assert steps == list(range(8))
+    empty = [r for r in range(8) if not strategy._full_plan(r).segments]
+    assert len(empty) >= 3  # the test has power: several rounds with nobody
+    direct = dp_accounting.pld.PLDAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=1e-4
+    )
+    event = dp_accounting.PoissonSampledDpEvent(0.15, dp_accounting.GaussianDpEvent(1.0))
+    assert strategy.user_level.accountant.history == [(1.0, 0.15, 8)]
+    assert strategy.user_level.epsilon() == pytest.approx(direct.compose(event, 8).get_epsilon(1e-5), rel=0.02)
 
 
 def test_adaptive_clipping_converges_to_the_target_quantile_of_known_update_norms():

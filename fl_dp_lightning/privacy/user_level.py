@@ -3,8 +3,9 @@
 Each sampled client's update (its weights minus the global model's) is clipped to L2 norm S; the server adds
 Gaussian noise of standard deviation z * S to the sum and divides by the expected number of clients (a fixed
 denominator, so that one client's presence changes the sum by at most S). With adaptive clipping each client also
-reports whether its update fitted under S; the server adds noise to that count and moves S towards the target
-quantile of update norms. Pure functions over tensors and numbers.
+reports whether its update fitted under S, as the centred bit ``b - 1/2`` (so one client moves the count by at most
+1/2, the sensitivity Andrew et al.'s noise split assumes); the server adds noise to that count and moves S towards
+the target quantile of update norms. Pure functions over tensors and numbers.
 """
 
 from __future__ import annotations
@@ -45,23 +46,36 @@ def noised_mean(
     }
 
 
+COUNT_SENSITIVITY = 0.5
+"""How far one client moves the released count: its centred bit ``b - 1/2`` is -1/2 or +1/2 (add/remove)."""
+
+
+def fitted_bit(norm: float, clip: float) -> float:
+    """A client's centred count bit: +1/2 when its update fitted under the clip, else -1/2."""
+    return (1.0 if norm <= clip else 0.0) - 0.5
+
+
 def update_noise_multiplier(noise_multiplier: float, count_std: float) -> float:
     """The noise multiplier left for the updates when the clipped-count query takes its share (Andrew et al. 2021,
     Thm. 1): both together are one Gaussian mechanism of ``noise_multiplier``, so
-    ``z_update = (z^-2 - (2 count_std)^-2)^(-1/2)``. Each client's count bit moves the count by at most 1."""
-    share = noise_multiplier**-2 - (2 * count_std) ** -2
+    ``z_update^-2 + (COUNT_SENSITIVITY / count_std)^2 = z^-2``."""
+    share = noise_multiplier**-2 - (COUNT_SENSITIVITY / count_std) ** 2
     if share <= 0:
         raise ValueError(
             f"count noise {count_std:g} leaves nothing of noise multiplier {noise_multiplier:g} for the updates: "
-            f"it must exceed z / 2 = {noise_multiplier / 2:.3g}"
+            f"it must exceed z * {COUNT_SENSITIVITY:g} = {noise_multiplier * COUNT_SENSITIVITY:.3g}"
         )
     return share**-0.5
 
 
-def noised_fraction(fitted: float, *, count_std: float, expected_clients: float, generator: torch.Generator) -> float:
-    """The fraction of clients whose update fitted under the clip, from the noised count."""
-    noise = float(torch.normal(0.0, count_std, (), generator=generator))
-    return (fitted + noise) / expected_clients
+def noised_count(centred: float, *, count_std: float, generator: torch.Generator) -> float:
+    """The released count: the sum of the clients' centred bits plus Gaussian noise of ``count_std``."""
+    return centred + float(torch.normal(0.0, count_std, (), generator=generator))
+
+
+def fraction_fitted(count: float, expected_clients: float) -> float:
+    """The fraction of clients whose update fitted, estimated from a released centred count (post-processing)."""
+    return count / expected_clients + 0.5
 
 
 def next_clip(clip: float, fraction_fitted: float, *, target_quantile: float, learning_rate: float) -> float:

@@ -553,32 +553,40 @@ class FederatedRounds(ResumableRounds):
         self._start_round()
         if self.vectorized:
             yield from [_WHOLE_ROUND] * self._round_total
-            return
-        for name, _ in self._local_plan.segments:
-            client = self.clients[name]
-            # exactly its steps, as a plain Lightning loop takes an epoch's batches (a shuffling sampler is left
-            # before its closing draw), so that every engine leaves a client's sampler stream in the same state
-            for indices in islice(client.batch_indices(), client.steps_per_round):
-                yield take_batch(client.dataset, indices)
-        padding = take_batch(next(iter(self.clients.values())).dataset, [])
-        for _ in range(self._round_total - self._local_plan.num_batches):
-            yield padding
-        if self._round_total == 0 and self.user_level is not None:
-            self._end_round()  # no client took part: the server still releases a noised (empty) sum
+        else:
+            for name, _ in self._local_plan.segments:
+                client = self.clients[name]
+                # exactly its steps, as a plain Lightning loop takes an epoch's batches (a shuffling sampler is left
+                # before its closing draw), so that every engine leaves a client's sampler stream in the same state
+                for indices in islice(client.batch_indices(), client.steps_per_round):
+                    yield take_batch(client.dataset, indices)
+            padding = take_batch(next(iter(self.clients.values())).dataset, [])
+            for _ in range(self._round_total - self._local_plan.num_batches):
+                yield padding
+        if self._round_total == 0 and self._plan is not None:
+            self._end_empty_round()
+
+    @property
+    def round_index(self) -> int:
+        """The current (0-based) round: the rounds this run has trained, restored from a checkpoint on resume (it
+        decides the round's client draw, so that a resumed run draws what the uninterrupted run drew)."""
+        return self.rounds_trained
 
     def _start_round(self) -> RoundPlan:
         trainer = self.lightning_module.trainer
-        sampled = self._full_plan(trainer.current_epoch)
+        round_no = self.round_index + 1
+        sampled = self._full_plan(self.round_index)
         self._plan = self._within_budget(sampled)
         self._local_plan = self._rank_plan(self._plan)
         self._round_total = self._rank_round_length(self._plan)
         self.last_round = []
         if not self._plan.segments and sampled.segments:
-            rank_zero_info(f"round {trainer.current_epoch + 1}: no client can train within the budget; stopping")
+            rank_zero_info(f"round {round_no}: no client can train within the budget; stopping")
             trainer.should_stop = True
-            return self._plan
+            self._plan = None  # no round ran
+            return sampled
         if not sampled.segments and self.user_level is None:
-            rank_zero_info(f"round {trainer.current_epoch + 1}: no client was sampled; the global model stays as it is")
+            rank_zero_info(f"round {round_no}: no client was sampled; the global model stays as it is")
             return self._plan
         self._global_state = {k: v.detach().clone() for k, v in self.lightning_module.state_dict().items()}
         self._round_schedule = self._schedule_state()
@@ -587,11 +595,20 @@ class FederatedRounds(ResumableRounds):
         params = {name for name, _ in self.lightning_module.named_parameters()} if private else None
         if self.secure_aggregation.enabled:  # masks are set up among the round's clients before they train
             clients = self._local_plan.clients
-            seed = self._sampling_seed + trainer.current_epoch  # the neighbour graph is public
+            seed = self._sampling_seed + self.round_index  # the neighbour graph is public
             self._average = SecureSum(clients, self._global_state, params, self.secure_aggregation, seed)
         else:
             self._average = RunningAverage(only=params)
         return self._plan
+
+    def _end_empty_round(self) -> None:
+        """A round no client took part in (Poisson client sampling): under user-level DP the server still releases
+        a noised (empty) sum and accounts the round, whatever the engine; otherwise the model stays as it is."""
+        if self.user_level is not None:
+            self._end_round()
+        else:
+            self.rounds_trained += 1
+            self._plan = None
 
     def _within_budget(self, plan: RoundPlan) -> RoundPlan:
         """Leaves out the clients whose epsilon would pass ``privacy.max_epsilon`` in this round."""
@@ -766,7 +783,7 @@ class FederatedRounds(ResumableRounds):
         """Drops ``client`` (by default the current one) from this round; the privacy it spent stays counted."""
         client = client or self._client
         self._client_failed = True
-        round_no = self.lightning_module.trainer.current_epoch + 1
+        round_no = self.round_index + 1
         self.faults.append({"round": round_no, "client": client.name, "reason": reason})
         rank_zero_info(
             f"round {round_no}: client {client.name!r} is dropped from this round ({reason}); the round "
@@ -792,7 +809,7 @@ class FederatedRounds(ResumableRounds):
         # the client's released (noised) weights: checking them is post-processing, it costs no privacy
         if not all(torch.isfinite(state[name]).all() for name, _ in self.lightning_module.named_parameters()):
             raise ConfigError(
-                f"client {client.name!r} ended round {self.lightning_module.trainer.current_epoch + 1} with "
+                f"client {client.name!r} ended round {self.round_index + 1} with "
                 "non-finite weights (the training diverged): lower the learning rate (model.lr) or check the data"
             )
         if self.user_level is None:

@@ -15,8 +15,10 @@ from fl_dp_lightning.privacy.calibration import smallest_noise_multiplier
 from fl_dp_lightning.privacy.randomness import SERVER_STREAM, stream_generator
 from fl_dp_lightning.privacy.user_level import (
     clip_update,
+    fitted_bit,
+    fraction_fitted,
     next_clip,
-    noised_fraction,
+    noised_count,
     noised_mean,
     update_noise_multiplier,
 )
@@ -59,7 +61,10 @@ class UserLevelDP:
         self.clip = config.clip
         self.seeded = seeded
         self.generator = stream_generator(seeded=seeded, seed=seed, index=0, stream=SERVER_STREAM, device=device)
-        self.fitted = 0
+        self.centred_count = 0.0
+        """The round's sum of centred count bits (before noise)."""
+        self.released_count: float | None = None
+        """The last round's noised count (adaptive clipping), which the next clip is computed from."""
         if config.adaptive_clipping:
             self.update_noise()  # refuses a count noise that leaves nothing for the updates
 
@@ -96,7 +101,7 @@ class UserLevelDP:
     def clipped(self, update: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """A client's update clipped to the current norm (and counted when it fitted)."""
         clipped, norm = clip_update(update, self.clip)
-        self.fitted += norm <= self.clip
+        self.centred_count += fitted_bit(norm, self.clip)
         return clipped
 
     def release(self, summed: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -110,16 +115,14 @@ class UserLevelDP:
             generator=self.generator,
         )
         if self.config.adaptive_clipping:
-            fraction = noised_fraction(
-                self.fitted, count_std=self.count_std, expected_clients=self.expected_clients, generator=self.generator
-            )
+            self.released_count = noised_count(self.centred_count, count_std=self.count_std, generator=self.generator)
             self.clip = next_clip(
                 self.clip,
-                fraction,
+                fraction_fitted(self.released_count, self.expected_clients),
                 target_quantile=self.config.target_quantile,
                 learning_rate=self.config.clip_learning_rate,
             )
-        self.fitted = 0
+        self.centred_count = 0.0
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return mean
 
