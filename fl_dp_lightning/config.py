@@ -545,16 +545,23 @@ class SecureAggregationConfig:
     scale: float = 1048576.0
     """Fixed-point scale: values are rounded to multiples of 1 / scale (2^20 by default); the sum over the round's
     clients must stay below 2^(bits - 1) / scale, which is checked."""
-    threshold: float = 0.5
+    threshold: float = 2 / 3
     """Shares needed to recover a client's secrets, as a fraction of its neighbourhood (it and its neighbours),
-    rounded up; a round in which fewer of a neighbourhood survive is refused."""
+    rounded up, in (0.5, 1]; a round in which fewer of a neighbourhood survive is refused. Above one half, a server
+    that tells some survivors a client dropped and others that it survived cannot collect both of its secrets."""
     neighbors: int | None = None
     """Neighbours each client masks with (SecAgg+); ``null``: all the round's other clients."""
 
     def __post_init__(self) -> None:
         require(16 <= self.bits <= 62, "secure_aggregation.bits", self.bits, "must be in [16, 62]")
         require(0 < self.scale < math.inf, "secure_aggregation.scale", self.scale, "must be > 0 and finite")
-        require(0 < self.threshold <= 1, "secure_aggregation.threshold", self.threshold, "must be in (0, 1]")
+        require(
+            0.5 < self.threshold <= 1,
+            "secure_aggregation.threshold",
+            self.threshold,
+            "must be in (0.5, 1]: with half of a neighbourhood or fewer, a server that tells some survivors a client "
+            "dropped and others that it survived collects both of its secrets and reads its update (e.g. 2/3)",
+        )
         require(
             self.neighbors is None or self.neighbors >= 2,
             "secure_aggregation.neighbors",

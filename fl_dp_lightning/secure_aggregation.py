@@ -48,16 +48,36 @@ SHAMIR_PRIME = 2**521 - 1
 # ----------------------------------------------------------------------------------- fixed-point encoding
 
 
-def encode(values: np.ndarray, *, scale: float, bits: int, clients: int) -> np.ndarray:
-    """Float values as integers mod 2^bits (``round(x * scale)``, negatives wrapped); refuses values whose sum over
-    ``clients`` could overflow the signed range."""
-    scaled = np.rint(np.asarray(values, dtype=np.float64) * scale)
-    limit = 2.0 ** (bits - 1) / clients
-    largest = float(np.abs(scaled).max(initial=0.0))
+WEIGHT_HEADROOM = 8.0
+"""Under FedAvg of weights, how far beyond the global model's largest weight a client's weights are allowed for in
+the capacity check (weights have no public bound; a client's DP update moves them little per round)."""
+
+
+def capacity(*, bits: int, scale: float, clients: int) -> float:
+    """The largest value each of ``clients`` contributions may hold so that their sum stays in the signed range."""
+    return 2.0 ** (bits - 1) / (clients * scale)
+
+
+def check_capacity(largest: float, *, bits: int, scale: float, clients: int, bound: str) -> None:
+    """Refuses, before a round's clients train, settings under which ``clients`` contributions of up to ``largest``
+    (a public bound, described by ``bound``) could overflow the modulus."""
+    limit = capacity(bits=bits, scale=scale, clients=clients)
     if largest >= limit:
         raise ConfigError(
-            f"secure_aggregation: a value of {largest / scale:.4g} times scale {scale:g} over {clients} clients "
-            f"overflows {bits} bits; raise secure_aggregation.bits or lower secure_aggregation.scale"
+            f"secure_aggregation: {clients} contributions of up to {largest:.4g} ({bound}) overflow 2^{bits - 1} at "
+            f"scale {scale:g} (at most {limit:.4g} each); raise secure_aggregation.bits or lower "
+            "secure_aggregation.scale"
+        )
+
+
+def encode(values: np.ndarray, *, scale: float, bits: int, clients: int) -> np.ndarray:
+    """Float values as integers mod 2^bits (``round(x * scale)``, negatives wrapped); refuses values whose sum over
+    ``clients`` could overflow the signed range, quoting no value (they come from a client's update)."""
+    scaled = np.rint(np.asarray(values, dtype=np.float64) * scale)
+    if float(np.abs(scaled).max(initial=0.0)) >= 2.0 ** (bits - 1) / clients:
+        raise ConfigError(
+            f"secure_aggregation: a contribution overflows {bits} bits at scale {scale:g} over {clients} clients; "
+            "raise secure_aggregation.bits or lower secure_aggregation.scale"
         )
     return scaled.astype(np.int64).view(np.uint64) & _mask(bits)
 

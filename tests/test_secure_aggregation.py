@@ -37,7 +37,7 @@ def test_fixed_point_encoding_round_trips_within_half_a_step_and_refuses_overflo
     values = np.random.default_rng(0).normal(0, 100, 10_000)
     decoded = decode(encode(values, scale=SCALE, bits=BITS, clients=4), scale=SCALE, bits=BITS)
     assert np.abs(decoded - values).max() <= 0.5 / SCALE
-    with pytest.raises(ConfigError, match="overflows 40 bits; raise secure_aggregation.bits"):
+    with pytest.raises(ConfigError, match="overflows 40 bits at scale 65536 over 2 clients; raise secure_aggregation.bits"):
         encode(np.array([2.0**22]), scale=SCALE, bits=BITS, clients=2)
 
 
@@ -80,7 +80,7 @@ def test_a_masked_update_is_uncorrelated_with_the_plain_one():
 
 def test_dropped_clients_are_recovered_with_t_survivors_and_refused_with_t_minus_one():
     rng = np.random.default_rng(3)
-    updates = [rng.normal(0, 1, 1_000) for _ in range(6)]  # threshold 0.5 of a neighbourhood of 6: t = 3
+    updates = [rng.normal(0, 1, 1_000) for _ in range(6)]  # protocol at threshold 0.5 of a neighbourhood of 6: t = 3
     kept = secure_sum(updates, dropped={0, 2, 5})  # 3 survivors
     assert np.abs(kept - (updates[1] + updates[3] + updates[4])).max() <= 3 * 0.5 / SCALE
     with pytest.raises(ConfigError, match="2 shares, 3 needed"):
@@ -152,3 +152,58 @@ def test_a_server_that_lies_about_a_dropout_still_cannot_read_that_clients_updat
     seed = shamir_combine({h: round_.clients[h].held["self"][0][h] for h in (1, 2, 3)}, round_.thresholds[0])
     revealed = decode(stripped - prg(seed.to_bytes(32, "big"), len(update), BITS), scale=SCALE, bits=BITS)
     assert np.abs(revealed - update).max() <= 0.5 / SCALE
+
+
+def split_view_attack(count: int, threshold: float) -> np.ndarray | None:
+    """A server that tells some of client 0's neighbours that it dropped (they reveal its DH key share) and the
+    others that it survived (they, and client 0 itself, reveal its self-mask share), over every split; client 0's
+    decoded update where some split yields both secrets, else None."""
+    update = np.random.default_rng(7).normal(0, 3, 2_000)
+    round_ = SecureRound(count, bits=BITS, scale=SCALE, threshold=threshold, degree=None, seed=0)
+    sent = round_.clients[0].mask(encode(update, scale=SCALE, bits=BITS, clients=count), round_.public_keys,
+                                  round_.graph, BITS)  # fmt: skip
+    others = sorted(round_.graph[0])
+    for told_dropped in range(len(others) + 1):
+        key_holders, self_holders = others[:told_dropped], [0, *others[told_dropped:]]
+        try:
+            key = shamir_combine({h: round_.clients[h].held["key"][0][h] for h in key_holders}, round_.thresholds[0])
+            seed = shamir_combine({h: round_.clients[h].held["self"][0][h] for h in self_holders}, round_.thresholds[0])
+        except ConfigError:
+            continue
+        stripped = sent - prg(seed.to_bytes(32, "big"), len(update), BITS)
+        for other in round_.graph[0]:
+            pad = prg(pair_seed(pow(round_.public_keys[other], key, DH_PRIME), 0, other), len(update), BITS)
+            stripped = stripped - pad if other > 0 else stripped + pad
+        decoded = decode(stripped, scale=SCALE, bits=BITS)
+        assert np.abs(decoded - update).max() <= 0.5 / SCALE  # the attack, when it gets both secrets, works
+        return decoded
+    return None
+
+
+@pytest.mark.parametrize("count", [4, 6, 10])
+def test_a_server_that_splits_its_view_of_a_dropout_recovers_nothing_at_the_default_threshold(count):
+    assert split_view_attack(count, SecureAggregationConfig().threshold) is None
+    assert split_view_attack(count, 0.5) is not None  # power: at half a neighbourhood it reads the update
+
+
+def test_thresholds_of_half_a_neighbourhood_or_less_are_refused():
+    with pytest.raises(ConfigError, match=r"secure_aggregation.threshold=0.5: must be in \(0.5, 1\]"):
+        SecureAggregationConfig(enabled=True, threshold=0.5)
+
+
+@pytest.mark.parametrize("user", [None, UserPrivacyConfig(enabled=True, clip=0.5)], ids=["fedavg", "user_level"])
+def test_an_overflowing_modulus_is_refused_before_any_privacy_is_spent_quoting_no_client_value(synthetic, user):
+    module = small_classifier()
+    datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=["a", "b", "c"], batch_size=40)
+    strategy = FederatedDPStrategy(
+        privacy=PrivacyConfig(), secure_aggregation=SecureAggregationConfig(enabled=True, bits=16), user_privacy=user
+    )
+    with pytest.raises(ConfigError, match=r"secure_aggregation: 3 contributions of up to .* \((the user-level clip|400 records)"):
+        make_trainer(strategy, 1, limit_val_batches=0).fit(module, datamodule)
+    assert all(not c.accountant.history for c in strategy.clients.values())
+
+
+def test_an_overflow_at_encoding_quotes_no_value():
+    with pytest.raises(ConfigError) as raised:
+        encode(np.array([0.123456, 98765.4321]), scale=SCALE, bits=20, clients=2)
+    assert "98765" not in str(raised.value) and "0.1234" not in str(raised.value)

@@ -55,7 +55,7 @@ from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
 from fl_dp_lightning.privacy.layers import fix_layers, unsupported_layers
 from fl_dp_lightning.privacy.per_example import ContiguousGradSampleModule, channels_last
 from fl_dp_lightning.privacy.probe import check_sensitivity, probe_sizes, random_batch_like
-from fl_dp_lightning.secure_aggregation import SecureSum
+from fl_dp_lightning.secure_aggregation import WEIGHT_HEADROOM, SecureSum, check_capacity
 from fl_dp_lightning.server import apply_server_optimizer
 from fl_dp_lightning.strategy.client import ClientReport, ClientState, make_client
 from fl_dp_lightning.strategy.resume import ResumableRounds
@@ -595,11 +595,26 @@ class FederatedRounds(ResumableRounds):
         params = {name for name, _ in self.lightning_module.named_parameters()} if private else None
         if self.secure_aggregation.enabled:  # masks are set up among the round's clients before they train
             clients = self._local_plan.clients
+            self._check_secure_capacity(len(clients))
             seed = self._sampling_seed + self.round_index  # the neighbour graph is public
             self._average = SecureSum(clients, self._global_state, params, self.secure_aggregation, seed)
         else:
             self._average = RunningAverage(only=params)
         return self._plan
+
+    def _check_secure_capacity(self, count: int) -> None:
+        """Refuses, before the round's clients train, a modulus their contributions could overflow, from public
+        bounds: the clip under user-level DP (each clipped update's coordinates), else the largest record count
+        times the global model's largest weight with :data:`WEIGHT_HEADROOM`."""
+        config = self.secure_aggregation
+        if self.user_level is not None:
+            largest, bound = self.user_level.clip, "the user-level clip"
+        else:
+            examples = max(c.num_examples for c in self.clients.values())
+            weight = max(float(self._global_state[n].abs().max()) for n, _ in self.lightning_module.named_parameters())
+            largest = examples * max(1.0, weight) * WEIGHT_HEADROOM
+            bound = f"{examples} records times {WEIGHT_HEADROOM:g} x the global model's largest weight"
+        check_capacity(largest, bits=config.bits, scale=config.scale, clients=max(1, count), bound=bound)
 
     def _end_empty_round(self) -> None:
         """A round no client took part in (Poisson client sampling): under user-level DP the server still releases
