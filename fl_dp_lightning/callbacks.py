@@ -104,7 +104,8 @@ class FederatedLogger(Callback):
             metrics.update({f"holdout/{k}/{client}": v for k, v in values.items()})
         if strategy.privacy.enabled and strategy.privacy.poisson_sampling:
             epsilons = strategy.epsilons()
-            metrics.update({f"privacy/epsilon/{name}": eps for name, eps in epsilons.items()})
+            if not strategy.participation_withheld:  # else each value is the public every-round bound
+                metrics.update({f"privacy/epsilon/{name}": eps for name, eps in epsilons.items()})
             metrics["privacy/epsilon_max"] = max(epsilons.values())
         if strategy.user_level is not None:
             metrics["privacy/user_epsilon"] = strategy.user_level.epsilon()
@@ -121,7 +122,14 @@ class FederatedLogger(Callback):
             type(pl_module).log(
                 pl_module, "privacy/epsilon_max", metrics["privacy/epsilon_max"], prog_bar=True, logger=False
             )
-        for report in strategy.last_round:
+        if strategy.participation_withheld:
+            bound = metrics.get("privacy/epsilon_max")
+            rank_zero_info(
+                f"round {trainer.current_epoch + 1}/{trainer.max_epochs}: which clients took part is withheld "
+                "(user-level DP with client sampling)"
+                + ("" if bound is None else f"; record-level {epsilon_text(strategy, bound)} for a client in every round")
+            )
+        for report in strategy.last_round if not strategy.participation_withheld else ():
             shown = "".join(f"  {k} {v:.4f}" for k, v in report.metrics.items()) + (
                 "  DROPPED" if report.dropped else ""
             )

@@ -493,6 +493,10 @@ class UserPrivacyConfig:
     """Adaptive clipping: the quantile of update norms the clip tracks, in (0, 1)."""
     clip_learning_rate: float = 0.2
     """Adaptive clipping: step of the geometric clip update (unitless, > 0)."""
+    release_participation: bool = False
+    """Under Poisson client sampling, log which clients took part in each round (per-client round lines,
+    epsilons and steps). The user-level epsilon is then accounted without amplification by client sampling (as if
+    every client took part in every round), since participation is no longer secret."""
     count_noise: float | None = None
     """Adaptive clipping: standard deviation of the noise on the count of clients that fitted under the clip
     (clients); ``null``: the larger of expected clients per round / 20 (the paper's choice) and the noise

@@ -14,6 +14,7 @@ from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrateg
 from fl_dp_lightning.aggregation import RunningAverage
 from fl_dp_lightning.config import UserPrivacyConfig
 from fl_dp_lightning.privacy.user_level import COUNT_SENSITIVITY, clip_update, noised_mean, update_noise_multiplier, update_norm
+from fl_dp_lightning.privacy.report import privacy_report
 from fl_dp_lightning.strategy.user_level import UserLevelDP
 
 from .conftest import RecordingLogger, make_trainer
@@ -125,7 +126,7 @@ def test_a_round_nobody_joins_still_releases_noise_and_is_accounted(synthetic, e
     module, strategy = fit(synthetic, user, fraction=1e-4, rounds=2, privacy=seeded, engine=engine)
     assert sum(c.steps_taken for c in strategy.clients.values()) == 0  # nobody trained in either round
     assert strategy.user_level.accountant.history == [(1.0, 1e-4, 2)]
-    assert strategy.user_level.report(guaranteed=True)["not_covered"][0].startswith("which clients took part")
+    assert strategy.user_level.report(guaranteed=True)["participation"].startswith("withheld")
     changed = [not torch.equal(v, before[k]) for k, v in weights(module).items()]
     assert all(changed)  # every parameter moved by the server's noise alone
 
@@ -235,3 +236,38 @@ def test_a_user_level_target_is_reached_with_a_server_optimizer_stepping_after_t
     assert 0.99 * 2.0 <= strategy.user_level.epsilon() <= 2.0
     assert strategy.user_level.noise_multiplier != user.noise_multiplier
     assert strategy.server_state and all(k.startswith("m.") for k in strategy.server_state)  # FedAvgM's momentum
+
+
+@ENGINES
+def test_no_per_client_participation_reaches_a_logger_by_default_under_sampled_user_level_dp(
+    synthetic, engine, caplog
+):
+    """Record-level and user-level DP with Poisson client sampling: no tag, log line or report field names a
+    client or its steps per round; the released record-level epsilon is the every-round bound, the same for all."""
+    logger = RecordingLogger()
+    user = UserPrivacyConfig(enabled=True, noise_multiplier=1.0, clip=0.1)
+    with caplog.at_level("INFO"):
+        _, strategy = fit(synthetic, user, clients=6, fraction=0.5, rounds=3, privacy=PrivacyConfig(), engine=engine,
+                          logger=logger)  # fmt: skip
+    names = list(strategy.clients)
+    steps = {c.steps_taken for c in strategy.clients.values()}
+    assert len(steps) > 1  # power: participation differed between clients, so per-client values would show it
+    tags = {key for _, metrics in logger.records for key in metrics}
+    assert not [t for t in tags if any(n in t for n in names)]
+    round_lines = [r.getMessage() for r in caplog.records if "round" in r.getMessage()]
+    assert round_lines and not [line for line in round_lines if any(repr(n) in line or f"[{n}]" in line for n in names)]
+    report = privacy_report(strategy)
+    assert all(row["steps"] is None for row in report["clients"].values())
+    assert len({row["epsilon"] for row in report["clients"].values()}) == 1  # one bound: nothing per client
+    assert report["user_level"]["participation"].startswith("withheld")
+    bound = max(c.epsilon(1e-5) for c in strategy.clients.values())
+    assert report["clients"][names[0]]["epsilon"] >= bound - 1e-9  # a bound on every client's own epsilon
+
+
+def test_released_participation_is_accounted_without_amplification(synthetic):
+    logger = RecordingLogger()
+    user = UserPrivacyConfig(enabled=True, noise_multiplier=1.0, clip=0.1, release_participation=True)
+    _, strategy = fit(synthetic, user, clients=6, fraction=0.5, rounds=3, privacy=PrivacyConfig(), logger=logger)
+    assert strategy.user_level.accountant.history == [(1.0, 1.0, 3)]
+    tags = {key for _, metrics in logger.records for key in metrics}
+    assert {f"privacy/epsilon/{n}" for n in strategy.clients} <= tags

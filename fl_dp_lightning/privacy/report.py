@@ -42,6 +42,7 @@ def privacy_report(strategy: Any) -> dict[str, Any]:
         strategy: the run's federated strategy (``FederatedDPStrategy`` or its multi-process variant).
     """
     privacy = strategy.privacy
+    withheld = strategy.participation_withheld
     rows = {}
     for name, client in strategy.clients.items():
         rows[name] = {
@@ -52,7 +53,7 @@ def privacy_report(strategy: Any) -> dict[str, Any]:
             "batch_size": client.batch_size,
             "local_epochs": client.local_epochs,
             "sample_rate": client.sample_rate,
-            "steps": client.steps_taken,
+            "steps": None if withheld else client.steps_taken,
             "num_examples": client.num_examples,
         }
     released = list(RELEASED) if privacy.enabled else ["everything: no record-level DP (privacy.enabled is false)"]
@@ -76,7 +77,9 @@ def privacy_report(strategy: Any) -> dict[str, Any]:
         "not_covered": [*privacy.weakened_by(), *ALWAYS_NOT_COVERED, *fault_release(strategy), *syft_release(strategy)]
         if privacy.enabled
         else [],
-        "faults": strategy.faults,
+        "faults": [{"round": f["round"], "client": None, "reason": f["reason"]} for f in strategy.faults]
+        if withheld
+        else strategy.faults,
         "user_level": None
         if strategy.user_level is None
         else strategy.user_level.report(guaranteed=not privacy.unsafe_seeded_randomness),
@@ -128,7 +131,7 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines.append(
             f"{name:>12} {cell(r['epsilon'], '.4f', 9)} {cell(r['delta'], '.0e', 8)} "
             f"{cell(r['noise_multiplier'], '.3f', 7)} {cell(r['max_grad_norm'], '.2f', 6)} "
-            f"{r['sample_rate']:8.5f} {r['steps']:7d} {r['num_examples']:8d}"
+            f"{r['sample_rate']:8.5f} {cell(r['steps'], 'd', 7)} {r['num_examples']:8d}"
         )
     if len(rows) > SHOWN_CLIENTS:
         eps = sorted(r["epsilon"] for _, r in rows if r["epsilon"] is not None)
@@ -142,6 +145,7 @@ def format_report(report: Mapping[str, Any]) -> str:
             f"{user['delta']:g} after {user['rounds']} rounds (server noise {user['noise_multiplier']:.3f}, clip "
             f"{user['clip']:.4g}, client sampling rate {user['sample_rate']:.4g}). Guarantee: {user['guarantee']}"
         )
+        lines.append(f"Participation: {user['participation']}")
         lines += [f"Not covered (user-level): {item}" for item in user["not_covered"]]
     lines += [f"Released: {item}" for item in report["released"]]
     lines += [f"Not covered: {item}" for item in report["not_covered"]]

@@ -8,6 +8,7 @@ a checkpoint carries their state only under ``privacy.unsafe_seeded_randomness``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +87,11 @@ class ClientState:
         trial.history = [*self.accountant.history, (self.noise_multiplier, self.sample_rate, steps)]
         return epsilon_spent(trial, delta)
 
+    def epsilon_if_every_round(self, rounds: int, delta: float) -> float:
+        """The epsilon this client would have spent had it trained in each of ``rounds`` rounds: a bound computed
+        from public settings alone, released where its own epsilon would show which rounds it took part in."""
+        return epsilon_bound(type(self.accountant), self.noise_multiplier, self.sample_rate, rounds * self.steps_per_round, delta)
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must carry to continue this client exactly."""
         state = {
@@ -113,6 +119,16 @@ class ClientState:
                 self.noise_rng.set_state(state["noise_rng"])
         self.noise_multiplier = state["noise_multiplier"]
         self.steps_taken = state["steps_taken"]
+
+
+@functools.lru_cache(maxsize=4096)
+def epsilon_bound(kind: type, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Epsilon after ``steps`` steps at one noise and sample rate (cached: many clients share their settings)."""
+    if steps == 0:
+        return 0.0
+    trial = kind()
+    trial.history = [(noise_multiplier, sample_rate, steps)]
+    return epsilon_spent(trial, delta)
 
 
 def make_client(

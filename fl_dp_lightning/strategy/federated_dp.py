@@ -635,7 +635,9 @@ class FederatedRounds(ResumableRounds):
             eps = self.clients[name].epsilon_after(steps, self.privacy.delta)
             if eps > budget:
                 over[name] = eps
-        for name, eps in over.items():
+        if over and self.participation_withheld:
+            rank_zero_info(f"round {plan.round_idx + 1}: {len(over)} client(s) sit out (privacy.max_epsilon={budget})")
+        for name, eps in over.items() if not self.participation_withheld else ():
             rank_zero_info(
                 f"round {plan.round_idx + 1}: client {name!r} sits out: this round would bring its epsilon to "
                 f"{eps:.4f} > privacy.max_epsilon={budget}"
@@ -800,9 +802,10 @@ class FederatedRounds(ResumableRounds):
         self._client_failed = True
         round_no = self.round_index + 1
         self.faults.append({"round": round_no, "client": client.name, "reason": reason})
+        who = "a client" if self.participation_withheld else f"client {client.name!r}"
         rank_zero_info(
-            f"round {round_no}: client {client.name!r} is dropped from this round ({reason}); the round "
-            "averages the others, and the privacy it spent so far stays counted"
+            f"round {round_no}: {who} is dropped from this round ({reason}); the round averages the others, and "
+            "the privacy it spent so far stays counted"
         )
 
     def _dropped_report(self, client: ClientState) -> ClientReport:
@@ -878,19 +881,29 @@ class FederatedRounds(ResumableRounds):
 
     @property
     def current_client(self) -> str | None:
-        """The client whose batches are training now (``None`` between rounds)."""
-        return None if self._client is None else self._client.name
+        """The client whose batches are training now (``None`` between rounds, and where participation is
+        withheld)."""
+        return None if self._client is None or self.participation_withheld else self._client.name
 
     @property
     def guaranteed(self) -> bool:
         """Whether the epsilons reported are proven upper bounds for what this run does."""
         return self.privacy.enabled and not self.privacy.weakened_by()
 
+    @property
+    def participation_withheld(self) -> bool:
+        """Whether who took part in each round is kept from loggers and reports: under user-level DP with sampled
+        clients (unless ``user_privacy.release_participation``), where the user-level epsilon relies on it."""
+        return self.user_level is not None and self.user_level.participation_secret
+
     def epsilon_of(self, client: ClientState) -> float | None:
-        """A client's epsilon at ``privacy.delta``; ``None`` without privacy or where none is proven
-        (shuffled batches). GDP's value is an approximation (see :attr:`guaranteed`)."""
+        """A client's released epsilon at ``privacy.delta``: its accountant's, or, where participation is withheld,
+        the bound for a client that took part in every round so far (its own would show its rounds); ``None``
+        without privacy or where none is proven (shuffled batches). GDP's value is an approximation."""
         if not self.privacy.enabled or not self.privacy.poisson_sampling:
             return None
+        if self.participation_withheld:
+            return client.epsilon_if_every_round(self.rounds_trained, self.privacy.delta)
         return client.epsilon(self.privacy.delta)
 
     def epsilons(self) -> dict[str, float | None]:

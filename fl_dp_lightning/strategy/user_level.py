@@ -56,6 +56,8 @@ class UserLevelDP:
         self.config = config
         self.sample_rate = sample_rate
         self.expected_clients = sample_rate * num_clients
+        # amplification by client sampling holds only while who took part stays secret
+        self.accounted_rate = 1.0 if config.release_participation else sample_rate
         self.accountant = make_user_accountant(config.accountant)
         self.noise_multiplier = config.noise_multiplier
         self.clip = config.clip
@@ -90,7 +92,7 @@ class UserLevelDP:
 
         def epsilon(sigma: float) -> float:
             trial = kind()
-            trial.history = [(sigma, self.sample_rate, rounds)]
+            trial.history = [(sigma, self.accounted_rate, rounds)]
             return epsilon_spent(trial, self.config.delta)
 
         self.noise_multiplier = smallest_noise_multiplier(
@@ -123,7 +125,7 @@ class UserLevelDP:
                 learning_rate=self.config.clip_learning_rate,
             )
         self.centred_count = 0.0
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.accounted_rate)
         return mean
 
     def epsilon(self) -> float:
@@ -140,19 +142,34 @@ class UserLevelDP:
             "noise_multiplier": self.noise_multiplier,
             "clip": self.clip,
             "sample_rate": self.sample_rate,
+            "accounted_sample_rate": self.accounted_rate,
             "expected_clients": self.expected_clients,
             "rounds": sum(steps for _, _, steps in self.accountant.history),
-            # amplification by client sampling assumes participation stays with the server
-            "not_covered": []
-            if self.sample_rate >= 1
-            else [
-                "which clients took part in each round: the per-client epsilons, steps and round lines show it; "
-                "the user-level epsilon holds only while these stay with the server"
-            ],
+            "participation": self.participation(),
+            "not_covered": [],
             "guarantee": GUARANTEE.format(epsilon=epsilon, delta=self.config.delta)
             if guaranteed
             else "none proven: privacy.unsafe_seeded_randomness makes the server noise a function of trainer.seed",
         }
+
+    @property
+    def participation_secret(self) -> bool:
+        """Whether the epsilon relies on who took part staying secret (sampled clients, not released)."""
+        return self.sample_rate < 1 and not self.config.release_participation
+
+    def participation(self) -> str:
+        """What the run released of who took part, and what the user-level epsilon assumes of it."""
+        if self.sample_rate >= 1:
+            return "every client in every round: nothing to hide"
+        if self.config.release_participation:
+            return (
+                "released (user_privacy.release_participation): the epsilon is accounted without amplification by "
+                "client sampling"
+            )
+        return (
+            "withheld: no per-client round line, epsilon or step count was logged or reported; the epsilon's "
+            "amplification by client sampling holds while the server keeps the draws to itself"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         state = {
