@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import TensorDataset
 from torchvision.utils import save_image
@@ -192,6 +193,30 @@ class FederatedLogger(Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
         rank_zero_info(f"{format_report(report)}\nPrivacy report written to {path}")
+
+
+class RoundCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that saves after every round, also after one in which no client trained.
+
+    A round without any client (Poisson client sampling) makes no optimizer step, and Lightning's own callback
+    skips a save when the global step has not moved since the last one; a run killed after such a round would
+    resume from the round before it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._saved_epoch: int | None = None
+
+    def _should_skip_saving_checkpoint(self, trainer: pl.Trainer) -> bool:
+        skip = super()._should_skip_saving_checkpoint(trainer)
+        if skip and self._last_global_step_saved == trainer.global_step and not trainer.fast_dev_run:
+            fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+            return not fitting or self._saved_epoch == trainer.current_epoch
+        return skip
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self._saved_epoch = trainer.current_epoch
 
 
 class FederatedProgressBar(TQDMProgressBar):

@@ -8,6 +8,7 @@ SHA-256 of its weights, optimizer state, counters and federated state, recompute
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -110,21 +111,46 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
         return checkpoint
 
 
+STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+"""Write errors of the folder itself (full, read-only, forbidden), as opposed to errors in what is written."""
+
+
 def write_atomically(path: Path, write: Callable[[Any], None]) -> None:
-    """Calls ``write(binary_file)`` on a temporary file beside ``path``, then moves it onto ``path`` durably."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Calls ``write(binary_file)`` on a temporary file beside ``path``, then moves it onto ``path`` durably.
+
+    Temporary files that an earlier, killed write left beside ``path`` are removed first. A full disk or a
+    read-only folder is refused in one line naming the folder; the previous file at ``path`` stays intact.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise storage_error(path, err) from err
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        cause = next((e for e in (err, err.__cause__, err.__context__) if isinstance(e, OSError)), None)
+        if cause is not None and cause.errno in STORAGE_ERRORS:
+            raise storage_error(path, cause) from err
         raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)  # the rename itself survives a power cut
     finally:
         os.close(folder)
+
+
+def storage_error(path: Path, err: OSError) -> ConfigError:
+    """One line for a folder that cannot take a file (full, read-only, forbidden)."""
+    kept = f"; the previous {path.name} there is intact" if path.exists() else ""
+    return ConfigError(
+        f"cannot write {path.name} in {path.parent}: {err.strerror or err}; free space there or choose a writable "
+        f"run folder (hydra.run.dir=...){kept}"
+    )

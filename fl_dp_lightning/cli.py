@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,13 +20,14 @@ from typing import Any, NoReturn
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fl_dp_lightning.callbacks import FederatedLogger, FederatedProgressBar
+from fl_dp_lightning.callbacks import FederatedLogger, FederatedProgressBar, RoundCheckpoint
 from fl_dp_lightning.config import Config, ConfigError, HardwareConfig, require
 from fl_dp_lightning.data import FederatedDataModule
 from fl_dp_lightning.strategy import FederatedDPStrategy
@@ -150,7 +152,7 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
         FederatedLogger(report_path=run_dir / "privacy_report.json"),
         RoundTimer(),
         # after every round (written atomically by the strategy), so a killed run resumes from its last round
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False),
+        RoundCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False),
     ]
     progress_bar = conf.trainer.progress_bar and sys.stderr.isatty()  # no carriage-return noise in logs and pipes
     if progress_bar:
@@ -206,8 +208,14 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     final = {"final/test_acc": float("nan"), "final/epsilon_max": float("nan")}
     trainer.logger.log_hyperparams(run_hparams(conf, datamodule.data_origin), final)
     trainer.fit(module, datamodule, ckpt_path=conf.trainer.ckpt_path)
-    test_metrics = trainer.test(module, datamodule, verbose=False)[0]
     strategy: FederatedDPStrategy = trainer.strategy
+    if strategy.rounds_trained and strategy.faults and not strategy.updates_added:
+        raise ConfigError(
+            f"no client finished any of the {strategy.rounds_trained} round(s): every client failed (the faults are "
+            f"in {run_dir / 'privacy_report.json'}), so the global model is untrained; fix the failing clients' data "
+            "or module (or raise client.time_limit_s)"
+        )
+    test_metrics = trainer.test(module, datamodule, verbose=False)[0]
     timer = next(cb for cb in trainer.callbacks if isinstance(cb, RoundTimer))
     epsilons = strategy.epsilons()
     final["final/test_acc"] = float(test_metrics.get("test/acc", float("nan")))
@@ -237,12 +245,41 @@ def main(cfg: DictConfig, run_dir: str | Path | None = None) -> None:
         run_dir = HydraConfig.get().runtime.output_dir
     try:
         results = run(cfg, run_dir)
+    except SIGTERMException:  # Lightning's, after the round's checkpoint; a SystemExit that would exit 0
+        stopped(Path(run_dir), "SIGTERM", 128 + signal.SIGTERM)
+    except SystemExit as err:  # Lightning turns Ctrl-C into sys.exit(1) after its graceful shutdown
+        if isinstance(err.__context__, KeyboardInterrupt):
+            stopped(Path(run_dir), "SIGINT", 128 + signal.SIGINT)
+        raise
     except Exception as err:
         if not any(isinstance(e, ConfigError) for e in causes(err)):
             raise
         fail(err)  # also a refusal raised inside Hydra's instantiate (a model's own check)
     if rank_zero_only.rank == 0:
         print(json.dumps(results, indent=2))
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that resumes this run from its last checkpoint: its own overrides plus ``trainer.ckpt_path``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not started by Hydra (run(cfg, run_dir) from Python)
+        overrides = sys.argv[1:]
+    kept = [o for o in overrides if not o.startswith(("trainer.ckpt_path=", "hydra."))]
+    return " ".join(["python train.py", *kept, f"trainer.ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"])
+
+
+def stopped(run_dir: Path, signal_name: str, status: int) -> NoReturn:
+    """A run stopped by a signal: one line with the resume command (or that no round finished), a non-zero exit."""
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    if checkpoint.exists():
+        then = f"the last finished round's checkpoint is {checkpoint}; resume with: {resume_command(run_dir)}"
+    else:
+        then = "no round had finished, so there is no checkpoint; start the run again"
+    print(f"error: stopped by {signal_name} before the end of training; {then}", file=sys.stderr)
+    sys.exit(status)
 
 
 def fail(err: BaseException) -> NoReturn:

@@ -8,10 +8,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
+from fl_dp_lightning.callbacks import RoundCheckpoint
 from fl_dp_lightning.checkpoint import CHECKPOINT_KEY, VerifiedCheckpointIO
 
 from .conftest import make_trainer
@@ -22,15 +22,29 @@ SEEDED = PrivacyConfig(noise_multiplier=1.0, unsafe_seeded_randomness=True)
 
 
 def fit(
-    synthetic, rounds, *, privacy=PRIVACY, ckpt_dir=None, ckpt_path=None, fraction=1.0, datamodule=None, module=None
+    synthetic,
+    rounds,
+    *,
+    privacy=PRIVACY,
+    ckpt_dir=None,
+    ckpt_path=None,
+    fraction=1.0,
+    datamodule=None,
+    module=None,
+    sampling="uniform",
+    engine="opacus",
 ):
     pl.seed_everything(0)
     module = module or small_classifier()
     datamodule = datamodule or FederatedDataModule(
         train=synthetic.train, test=synthetic.test, clients=["a", "b", "c"], batch_size=32
     )
-    strategy = FederatedDPStrategy(privacy=privacy, client_fraction=fraction, seed=5)
-    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)] if ckpt_dir else []
+    strategy = FederatedDPStrategy(
+        privacy=privacy, client_fraction=fraction, client_sampling=sampling, engine=engine, seed=5
+    )
+    # as train.py keeps it: the last round's checkpoint, written at the round's end
+    last = RoundCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False)
+    callbacks = [last] if ckpt_dir else []
     trainer = make_trainer(strategy, rounds, enable_checkpointing=bool(ckpt_dir), callbacks=callbacks)
     trainer.fit(module, datamodule, ckpt_path=ckpt_path)
     return module, strategy
@@ -54,6 +68,28 @@ def test_kill_after_round_2_and_resume_to_round_5_equals_the_uninterrupted_run(s
             for key, value in weights(full_module).items()
         )
         assert same == privacy.unsafe_seeded_randomness
+
+
+@pytest.mark.parametrize("engine", ["opacus", "vectorized"])
+def test_a_poisson_sampled_run_stopped_after_any_round_resumes_to_the_uninterrupted_runs_epsilons(
+    synthetic, tmp_path, engine
+):
+    """Client sampling by Poisson draws (empty rounds included): stopped after round k and resumed, every client
+    ends at the uninterrupted run's epsilon, and with the seeded opt-in at its weights."""
+    kwargs = dict(privacy=SEEDED, fraction=0.5, sampling="poisson", engine=engine)
+    full_module, full = fit(synthetic, 5, **kwargs)
+    drawn = [full._full_plan(r).clients for r in range(5)]
+    assert len({tuple(d) for d in drawn}) > 2 and [] in drawn  # power: the draws differ, one round is empty
+    for stop in range(1, 5):
+        folder = tmp_path / str(stop)
+        fit(synthetic, stop, ckpt_dir=folder, **kwargs)
+        saved = torch.load(folder / "last.ckpt", weights_only=True)[CHECKPOINT_KEY]
+        assert saved["rounds_trained"] == stop  # empty rounds saved too
+        resumed_module, resumed = fit(synthetic, 5, ckpt_dir=folder, ckpt_path=folder / "last.ckpt", **kwargs)
+        assert resumed.epsilons() == full.epsilons(), stop
+        for key, value in weights(full_module).items():
+            assert torch.allclose(weights(resumed_module)[key], value, atol=1e-6, rtol=0), (stop, key)
+        assert not list(folder.glob(".*.tmp"))
 
 
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
@@ -184,3 +220,14 @@ def test_a_checkpoint_write_that_dies_halfway_leaves_the_previous_checkpoint_int
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert list(tmp_path.iterdir()) == [path]  # no partial file left beside it
+
+
+def test_a_checkpoint_is_written_after_every_round_including_those_no_client_joined(synthetic, tmp_path):
+    pl.seed_everything(0)
+    datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=["a", "b", "c"], batch_size=32)
+    strategy = FederatedDPStrategy(privacy=SEEDED, client_fraction=0.5, client_sampling="poisson", seed=5)
+    every_round = RoundCheckpoint(dirpath=tmp_path, filename="round{epoch}", save_top_k=-1, auto_insert_metric_name=False)
+    trainer = make_trainer(strategy, 5, enable_checkpointing=True, callbacks=[every_round])
+    trainer.fit(small_classifier(), datamodule)
+    assert not strategy._full_plan(1).segments  # round 2 is empty
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == [f"round{e}.ckpt" for e in range(5)]

@@ -57,7 +57,7 @@ from fl_dp_lightning.privacy.per_example import ContiguousGradSampleModule, chan
 from fl_dp_lightning.privacy.probe import check_sensitivity, probe_sizes, random_batch_like
 from fl_dp_lightning.secure_aggregation import WEIGHT_HEADROOM, SecureSum, check_capacity
 from fl_dp_lightning.server import apply_server_optimizer
-from fl_dp_lightning.strategy.client import ClientReport, ClientState, make_client
+from fl_dp_lightning.strategy.client import ClientReport, ClientState, epsilon_bound, make_client
 from fl_dp_lightning.strategy.resume import ResumableRounds
 from fl_dp_lightning.strategy.sampling import call_training_step, on_device, same_format, take_batch
 from fl_dp_lightning.strategy.schedule import RoundPlan, clients_per_round, plan_round
@@ -173,6 +173,8 @@ class FederatedRounds(ResumableRounds):
         self.withheld_logs: set[str] = set()
         self.planned_rounds: int | None = None
         self.rounds_trained = 0
+        self.updates_added = 0
+        """Client updates this process added to a round's aggregate (a run where none ever was trained nothing)."""
 
     def _check_syft(self) -> None:
         """Refuses what clients in PySyft datasites cannot run, before anything starts."""
@@ -392,6 +394,38 @@ class FederatedRounds(ResumableRounds):
             self._calibrate_noise()  # on resume the checkpoint carries the noise chosen at the start
         if self._restored is not None:
             self._load_clients(self._restored)
+        self._check_finite_epsilon()
+
+    def _planned_rounds(self) -> int:
+        rounds = self.lightning_module.trainer.max_epochs
+        return rounds if rounds is not None and rounds > 0 else 1
+
+    def _check_finite_epsilon(self) -> None:
+        """Refuses, before any step, a delta at which the accountant cannot give a finite epsilon for the planned
+        rounds (a run would print epsilon = inf as its guarantee)."""
+        rounds = self._planned_rounds()
+        if self.privacy.enabled and self.privacy.poisson_sampling and self.privacy.accountant != "gdp":
+            clients = list(self.clients.values())
+            worst = epsilon_bound(  # epsilon grows with the sample rate and steps and falls with the noise
+                type(clients[0].accountant),
+                min(c.noise_multiplier for c in clients),
+                max(c.sample_rate for c in clients),
+                rounds * max(c.steps_per_round for c in clients),
+                self.privacy.delta,
+            )
+            for client in clients if not math.isfinite(worst) else ():
+                if not math.isfinite(client.epsilon_if_every_round(rounds, self.privacy.delta)):
+                    raise ConfigError(
+                        f"privacy.delta={self.privacy.delta:g}: the {self.privacy.accountant} accountant gives "
+                        f"epsilon = inf for client {client.name!r} over {rounds} rounds at this delta; raise "
+                        "privacy.delta (e.g. 1e-5, below 1/n)"
+                    )
+        if self.user_level is not None and not math.isfinite(self.user_level.epsilon_after(rounds)):
+            raise ConfigError(
+                f"user_privacy.delta={self.user_privacy.delta:g}: the {self.user_privacy.accountant} accountant gives "
+                f"epsilon = inf over {rounds} rounds at this delta; raise user_privacy.delta (e.g. 1e-5, below "
+                "1 / clients)"
+            )
 
     @property
     def vectorized(self) -> bool:
@@ -441,6 +475,13 @@ class FederatedRounds(ResumableRounds):
         )
 
     def _make_user_level(self) -> UserLevelDP:
+        count = len(self.clients)
+        if self.user_privacy.delta >= 1 / count:
+            raise ConfigError(
+                f"user_privacy.delta={self.user_privacy.delta:g} is not below 1 / clients = 1/{count}: a delta that "
+                f"large permits releasing one client's data outright; set user_privacy.delta well below "
+                f"{1 / count:.2g} (e.g. 1e-5)"
+            )
         poisson = self.client_sampling == "poisson"
         user_level = UserLevelDP(
             self.user_privacy,
@@ -657,7 +698,13 @@ class FederatedRounds(ResumableRounds):
         elif self._client is not None and not self._client_failed and self.client_time_limit is not None:
             elapsed = time.monotonic() - self._client_started
             if elapsed > self.client_time_limit:
-                self._fail_client(f"it ran past the time limit of {self.client_time_limit:g} s ({elapsed:.1f} s)")
+                reason = f"it ran past the time limit of {self.client_time_limit:g} s ({elapsed:.1f} s)"
+                if self.on_client_failure == "raise":
+                    raise ConfigError(
+                        f"client.time_limit_s={self.client_time_limit:g}: a client {reason[3:]} (client.on_failure="
+                        "raise; with drop the run goes on without it for this round)"
+                    )
+                self._fail_client(reason)
         # a dropped client's remaining batches are skipped: no update, no noise, no accounting
         self._padding = self._padding or self._client_failed
         self._empty_batch = extract_batch_size(batch) == 0 or self._client_failed
@@ -830,6 +877,7 @@ class FederatedRounds(ResumableRounds):
                 f"client {client.name!r} ended round {self.round_index + 1} with "
                 "non-finite weights (the training diverged): lower the learning rate (model.lr) or check the data"
             )
+        self.updates_added += 1
         if self.user_level is None:
             self._average.add(state, weight=client.num_examples, client=client.name)
         else:  # user-level DP: the client's update, clipped, counts once whatever its size

@@ -88,12 +88,10 @@ class UserLevelDP:
 
     def calibrate(self, rounds: int) -> float:
         """Sets the noise multiplier so that ``rounds`` rounds spend ``config.target_epsilon``."""
-        kind = type(self.accountant)
 
         def epsilon(sigma: float) -> float:
-            trial = kind()
-            trial.history = [(sigma, self.accounted_rate, rounds)]
-            return epsilon_spent(trial, self.config.delta)
+            self.noise_multiplier = sigma
+            return self.epsilon_after(rounds)
 
         self.noise_multiplier = smallest_noise_multiplier(
             epsilon, self.config.target_epsilon, key="user_privacy.target_epsilon"
@@ -130,6 +128,12 @@ class UserLevelDP:
 
     def epsilon(self) -> float:
         return epsilon_spent(self.accountant, self.config.delta)
+
+    def epsilon_after(self, rounds: int) -> float:
+        """The user-level epsilon after ``rounds`` rounds from the start at the current noise."""
+        trial = type(self.accountant)()
+        trial.history = [(self.noise_multiplier, self.accounted_rate, rounds)]
+        return epsilon_spent(trial, self.config.delta)
 
     def report(self, guaranteed: bool) -> dict[str, Any]:
         """The report's user-level section."""
