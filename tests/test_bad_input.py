@@ -58,6 +58,7 @@ COMPOSE = [
     (["user_privacy.delta=1"], "user_privacy.delta=1"),
     (["secure_aggregation.bits=64"], "secure_aggregation.bits=64"),
     (["secure_aggregation.threshold=0"], "secure_aggregation.threshold=0"),
+    (["secure_aggregation.threshold=0.5"], r"secure_aggregation.threshold=0.5: must be in \(0.5, 1\]"),
     (["secure_aggregation.neighbors=1"], "secure_aggregation.neighbors=1"),
     (["client.holdout_fraction=1"], "client.holdout_fraction=1"),
     (["model=foo"], "model=foo: no such option"),
@@ -159,6 +160,12 @@ LOADED = [
         "user_privacy.count_noise=0.1: count noise 0.1 leaves nothing",
     ),
     (["user_privacy=dpfedavg", "client.fraction=0.5"], "uniform client sampling: user-level DP is accounted for"),
+    (["user_privacy=dpfedavg", "user_privacy.delta=0.6"], "user_privacy.delta=0.6 is not below 1 / clients = 1/2"),
+    (["privacy.delta=1e-300"], "privacy.delta=1e-300: the pld accountant gives epsilon = inf for client 'alice'"),
+    (
+        ["privacy=none", "user_privacy=dpfedavg", "user_privacy.delta=1e-300"],
+        "user_privacy.delta=1e-300: the pld accountant gives epsilon = inf",
+    ),
     ("fashion", "train-images-idx3-ubyte.gz cannot be read"),
 ]
 

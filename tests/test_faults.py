@@ -3,14 +3,17 @@ others; the privacy it spent stays counted; the event is logged and reported. Or
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, PrivacyConfig
+from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrategy, PrivacyConfig
+from fl_dp_lightning import checkpoint, cli
 from fl_dp_lightning.aggregation import RunningAverage, fedavg
 
 from .conftest import make_trainer
@@ -79,6 +82,35 @@ def test_a_client_past_its_time_limit_is_dropped(synthetic):
     assert strategy.clients["c"].steps_taken == 3 < strategy.clients["a"].steps_taken
 
 
+def test_a_time_limit_under_on_client_failure_raise_stops_the_run(synthetic):
+    with pytest.raises(ConfigError, match=r"client.time_limit_s=2: a client ran past the time limit .*on_failure=raise"):
+        fit(synthetic, FailsFor("c", stall=4.0), client_time_limit=2.0, on_client_failure="raise")
+
+
+class AlwaysFails(UnawareModule):
+    """Fails on every client's first step: a module that cannot train on the clients' data."""
+
+    def __init__(self, **hparams) -> None:
+        super().__init__()
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.training and self.trainer.strategy._client is not None:
+            raise ValueError("cannot train on this")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_train_py_run_in_which_no_client_ever_finished_exits_non_zero(capsys, tmp_path):
+    conf = cli.compose_overrides(
+        ["data=synthetic", "trainer.progress_bar=false", "trainer.rounds=2", "model._target_=tests.test_faults.AlwaysFails"]
+    )
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(conf, run_dir=tmp_path / "run")
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: no client finished any of the 2 round(s): every client failed" in err
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
 def test_with_on_client_failure_raise_the_run_fails(synthetic):
     with pytest.raises(OSError, match="device went away"):
         fit(synthetic, FailsFor("a"), on_client_failure="raise")
@@ -114,3 +146,32 @@ def test_faults_are_kept_in_checkpoints_and_reported_after_a_resume(synthetic, t
     run(1)
     resumed = run(2, ckpt_path=tmp_path / "last.ckpt")
     assert [(f["round"], f["client"]) for f in resumed.faults] == [(1, "b")]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=["full_disk", "read_only"])
+def test_a_run_folder_that_cannot_take_a_checkpoint_ends_in_one_line_with_the_last_one_intact(
+    capsys, tmp_path, monkeypatch, code
+):
+    """The second round's checkpoint write fails as a full disk or a read-only folder makes it fail."""
+    real_save, calls = checkpoint.torch.save, []
+
+    def save(obj, f):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(code, os.strerror(code))
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    conf = cli.compose_overrides(["data=synthetic", "trainer.progress_bar=false", "trainer.rounds=2"])
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(conf, run_dir=tmp_path / "run")
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    folder = tmp_path / "run" / "checkpoints"
+    assert err[-1] == (
+        f"error: cannot write last.ckpt in {folder}: {os.strerror(code)}; free space there or choose a writable run "
+        "folder (hydra.run.dir=...); the previous last.ckpt there is intact"
+    )
+    assert not any("Traceback" in line for line in err)
+    kept = torch.load(folder / "last.ckpt", weights_only=True)
+    assert kept["fl_dp_lightning"]["rounds_trained"] == 1 and not list(folder.glob(".*.tmp"))

@@ -1,5 +1,6 @@
 """A real `python train.py` process, killed in round 3 of 3, resumes from round 2's checkpoint to the same epsilon
-as an uninterrupted run (SIGKILL: nothing runs at exit; SIGINT: Lightning's graceful shutdown)."""
+as an uninterrupted run (SIGKILL: nothing runs at exit; SIGINT and SIGTERM, as schedulers send it: Lightning's
+graceful shutdown, then a non-zero exit and the resume command)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def uninterrupted(tmp_path_factory) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "SIGINT", "SIGTERM"])
 def test_a_train_py_run_killed_in_round_3_resumes_from_round_2_to_the_same_epsilon(tmp_path, uninterrupted, sig):
     run_dir = tmp_path / "run"
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
@@ -61,7 +62,11 @@ def test_a_train_py_run_killed_in_round_3_resumes_from_round_2_to_the_same_epsil
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before round 2's checkpoint"
         time.sleep(0.05)
     process.send_signal(sig)  # as round 3 starts (it takes seconds: 2 x 187 steps)
-    process.wait(timeout=120)
+    status = process.wait(timeout=120)
+    assert status == (-sig if sig == signal.SIGKILL else 128 + sig)  # a scheduler sees that it did not finish
+    if sig != signal.SIGKILL:
+        line = process.stderr.read().strip().splitlines()[-1]
+        assert line.startswith(f"error: stopped by {sig.name}") and line.endswith(f"trainer.ckpt_path={checkpoint}")
     assert saved_round(checkpoint) == 2  # killed before round 3 ended, round 2's checkpoint intact
     assert not (run_dir / "results.json").exists()
 
