@@ -128,7 +128,11 @@ class FederatedLogger(Callback):
             rank_zero_info(
                 f"round {trainer.current_epoch + 1}/{trainer.max_epochs}: which clients took part is withheld "
                 "(user-level DP with client sampling)"
-                + ("" if bound is None else f"; record-level {epsilon_text(strategy, bound)} for a client in every round")
+                + (
+                    ""
+                    if bound is None
+                    else f"; record-level {epsilon_text(strategy, bound)} for a client in every round"
+                )
             )
         for report in strategy.last_round if not strategy.participation_withheld else ():
             shown = "".join(f"  {k} {v:.4f}" for k, v in report.metrics.items()) + (

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrategy, PrivacyConfig
-from fl_dp_lightning import checkpoint, cli
+from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrategy, PrivacyConfig, checkpoint, cli
 from fl_dp_lightning.aggregation import RunningAverage, fedavg
 
 from .conftest import make_trainer
@@ -83,7 +82,9 @@ def test_a_client_past_its_time_limit_is_dropped(synthetic):
 
 
 def test_a_time_limit_under_on_client_failure_raise_stops_the_run(synthetic):
-    with pytest.raises(ConfigError, match=r"client.time_limit_s=2: a client ran past the time limit .*on_failure=raise"):
+    with pytest.raises(
+        ConfigError, match=r"client.time_limit_s=2: a client ran past the time limit .*on_failure=raise"
+    ):
         fit(synthetic, FailsFor("c", stall=4.0), client_time_limit=2.0, on_client_failure="raise")
 
 
@@ -101,7 +102,12 @@ class AlwaysFails(UnawareModule):
 
 def test_a_train_py_run_in_which_no_client_ever_finished_exits_non_zero(capsys, tmp_path):
     conf = cli.compose_overrides(
-        ["data=synthetic", "trainer.progress_bar=false", "trainer.rounds=2", "model._target_=tests.test_faults.AlwaysFails"]
+        [
+            "data=synthetic",
+            "trainer.progress_bar=false",
+            "trainer.rounds=2",
+            "model._target_=tests.test_faults.AlwaysFails",
+        ]
     )
     with pytest.raises(SystemExit) as stopped:
         cli.main(conf, run_dir=tmp_path / "run")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, PrivacyConfig
 from fl_dp_lightning.config import EngineConfig
@@ -137,7 +137,13 @@ def released_sum(module_factory, data, per_example: str) -> dict[str, torch.Tens
     strategy_clients = []
     for i, (name, dataset) in enumerate(data.items()):
         client = make_client(
-            name, i, dataset, privacy=privacy, batch_size=len(dataset), local_epochs=1, seed=0,
+            name,
+            i,
+            dataset,
+            privacy=privacy,
+            batch_size=len(dataset),
+            local_epochs=1,
+            seed=0,
             device=torch.device("cpu"),
         )  # fmt: skip: sample rate 1, one step: every record in one batch
         strategy_clients.append(client)
@@ -159,8 +165,12 @@ def test_the_vectorized_engine_keeps_a_mixing_forward_within_each_clients_bound(
     alice, bob = (x[:12], y[:12]), (x[12:24], y[12:24])
     neighbour = (torch.cat([alice[0][:-1], 10 * x[100:101]]), torch.cat([alice[1][:-1], y[100:101]]))
     for per_example in ("auto", "vmap"):
-        first = released_sum(MixingClassifier, {"alice": TensorDataset(*alice), "bob": TensorDataset(*bob)}, per_example)
-        second = released_sum(MixingClassifier, {"alice": TensorDataset(*neighbour), "bob": TensorDataset(*bob)}, per_example)
+        first = released_sum(
+            MixingClassifier, {"alice": TensorDataset(*alice), "bob": TensorDataset(*bob)}, per_example
+        )
+        second = released_sum(
+            MixingClassifier, {"alice": TensorDataset(*neighbour), "bob": TensorDataset(*bob)}, per_example
+        )
         bob_moved = float((first["bob"] - second["bob"]).norm())
         alice_moved = float((first["alice"] - second["alice"]).norm())
         assert bob_moved < 1e-5, (per_example, bob_moved)

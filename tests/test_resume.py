@@ -84,7 +84,7 @@ def test_a_poisson_sampled_run_stopped_after_any_round_resumes_to_the_uninterrup
         folder = tmp_path / str(stop)
         fit(synthetic, stop, ckpt_dir=folder, **kwargs)
         saved = torch.load(folder / "last.ckpt", weights_only=True)[CHECKPOINT_KEY]
-        assert saved["rounds_trained"] == stop  # empty rounds saved too
+        assert saved["rounds_run"] == stop  # empty rounds saved too
         resumed_module, resumed = fit(synthetic, 5, ckpt_dir=folder, ckpt_path=folder / "last.ckpt", **kwargs)
         assert resumed.epsilons() == full.epsilons(), stop
         for key, value in weights(full_module).items():
@@ -226,7 +226,9 @@ def test_a_checkpoint_is_written_after_every_round_including_those_no_client_joi
     pl.seed_everything(0)
     datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=["a", "b", "c"], batch_size=32)
     strategy = FederatedDPStrategy(privacy=SEEDED, client_fraction=0.5, client_sampling="poisson", seed=5)
-    every_round = RoundCheckpoint(dirpath=tmp_path, filename="round{epoch}", save_top_k=-1, auto_insert_metric_name=False)
+    every_round = RoundCheckpoint(
+        dirpath=tmp_path, filename="round{epoch}", save_top_k=-1, auto_insert_metric_name=False
+    )
     trainer = make_trainer(strategy, 5, enable_checkpointing=True, callbacks=[every_round])
     trainer.fit(small_classifier(), datamodule)
     assert not strategy._full_plan(1).segments  # round 2 is empty

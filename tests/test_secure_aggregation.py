@@ -37,7 +37,9 @@ def test_fixed_point_encoding_round_trips_within_half_a_step_and_refuses_overflo
     values = np.random.default_rng(0).normal(0, 100, 10_000)
     decoded = decode(encode(values, scale=SCALE, bits=BITS, clients=4), scale=SCALE, bits=BITS)
     assert np.abs(decoded - values).max() <= 0.5 / SCALE
-    with pytest.raises(ConfigError, match="overflows 40 bits at scale 65536 over 2 clients; raise secure_aggregation.bits"):
+    with pytest.raises(
+        ConfigError, match="overflows 40 bits at scale 65536 over 2 clients; raise secure_aggregation.bits"
+    ):
         encode(np.array([2.0**22]), scale=SCALE, bits=BITS, clients=2)
 
 
@@ -198,7 +200,9 @@ def test_an_overflowing_modulus_is_refused_before_any_privacy_is_spent_quoting_n
     strategy = FederatedDPStrategy(
         privacy=PrivacyConfig(), secure_aggregation=SecureAggregationConfig(enabled=True, bits=16), user_privacy=user
     )
-    with pytest.raises(ConfigError, match=r"secure_aggregation: 3 contributions of up to .* \((the user-level clip|400 records)"):
+    with pytest.raises(
+        ConfigError, match=r"secure_aggregation: 3 contributions of up to .* \((the user-level clip|400 records)"
+    ):
         make_trainer(strategy, 1, limit_val_batches=0).fit(module, datamodule)
     assert all(not c.accountant.history for c in strategy.clients.values())
 

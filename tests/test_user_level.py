@@ -13,8 +13,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrategy, PrivacyConfig
 from fl_dp_lightning.aggregation import RunningAverage
 from fl_dp_lightning.config import UserPrivacyConfig
-from fl_dp_lightning.privacy.user_level import COUNT_SENSITIVITY, clip_update, noised_mean, update_noise_multiplier, update_norm
 from fl_dp_lightning.privacy.report import privacy_report
+from fl_dp_lightning.privacy.user_level import (
+    COUNT_SENSITIVITY,
+    clip_update,
+    noised_mean,
+    update_noise_multiplier,
+    update_norm,
+)
 from fl_dp_lightning.strategy.user_level import UserLevelDP
 
 from .conftest import RecordingLogger, make_trainer
@@ -239,9 +245,7 @@ def test_a_user_level_target_is_reached_with_a_server_optimizer_stepping_after_t
 
 
 @ENGINES
-def test_no_per_client_participation_reaches_a_logger_by_default_under_sampled_user_level_dp(
-    synthetic, engine, caplog
-):
+def test_no_per_client_participation_reaches_a_logger_by_default_under_sampled_user_level_dp(synthetic, engine, caplog):
     """Record-level and user-level DP with Poisson client sampling: no tag, log line or report field names a
     client or its steps per round; the released record-level epsilon is the every-round bound, the same for all."""
     logger = RecordingLogger()

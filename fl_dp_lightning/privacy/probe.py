@@ -125,7 +125,10 @@ def _probing(module: nn.Module) -> Iterator[None]:
     """Runs the probe without a trace: the weights, buffers and RNG come back as they were; dropout is off."""
     saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
     attributes = {
-        (layer, key): value for layer in module.modules() for key, value in vars(layer).items() if not key.startswith("_")
+        (layer, key): value
+        for layer in module.modules()
+        for key, value in vars(layer).items()
+        if not key.startswith("_")
     }
     dropouts = [m for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
     for m in dropouts:
@@ -211,7 +214,9 @@ def check_sensitivity(
         held = tensor_attributes(module)
         _check_stateless(module, held, reference, _gradients(step, params, first)[0], 2)
         for size in sizes:
-            full, (samples, grads) = (first, (reference, grads)) if size == sizes[0] else _probe(step, params, make_batch, size)
+            full, (samples, grads) = (
+                (first, (reference, grads)) if size == sizes[0] else _probe(step, params, make_batch, size)
+            )
             _check_coverage(samples, grads, size)
             _check_sum(samples, grads, size, loss_reduction)
             removed = size // 2

@@ -90,7 +90,9 @@ class ClientState:
     def epsilon_if_every_round(self, rounds: int, delta: float) -> float:
         """The epsilon this client would have spent had it trained in each of ``rounds`` rounds: a bound computed
         from public settings alone, released where its own epsilon would show which rounds it took part in."""
-        return epsilon_bound(type(self.accountant), self.noise_multiplier, self.sample_rate, rounds * self.steps_per_round, delta)
+        return epsilon_bound(
+            type(self.accountant), self.noise_multiplier, self.sample_rate, rounds * self.steps_per_round, delta
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must carry to continue this client exactly."""

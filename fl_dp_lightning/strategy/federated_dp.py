@@ -173,6 +173,9 @@ class FederatedRounds(ResumableRounds):
         self.withheld_logs: set[str] = set()
         self.planned_rounds: int | None = None
         self.rounds_trained = 0
+        """Rounds in which clients trained (or, under user-level DP, the server released its noised mean)."""
+        self.rounds_run = 0
+        """Rounds run so far, also those no client joined: the current round's index."""
         self.updates_added = 0
         """Client updates this process added to a round's aggregate (a run where none ever was trained nothing)."""
 
@@ -611,7 +614,7 @@ class FederatedRounds(ResumableRounds):
     def round_index(self) -> int:
         """The current (0-based) round: the rounds this run has trained, restored from a checkpoint on resume (it
         decides the round's client draw, so that a resumed run draws what the uninterrupted run drew)."""
-        return self.rounds_trained
+        return self.rounds_run
 
     def _start_round(self) -> RoundPlan:
         trainer = self.lightning_module.trainer
@@ -663,7 +666,7 @@ class FederatedRounds(ResumableRounds):
         if self.user_level is not None:
             self._end_round()
         else:
-            self.rounds_trained += 1
+            self.rounds_run += 1
             self._plan = None
 
     def _within_budget(self, plan: RoundPlan) -> RoundPlan:
@@ -887,6 +890,7 @@ class FederatedRounds(ResumableRounds):
 
     def _end_round(self) -> None:
         self.rounds_trained += 1
+        self.rounds_run += 1
         self._combine_round()
         if self.user_level is not None:
             average = self._user_level_average()
@@ -951,7 +955,7 @@ class FederatedRounds(ResumableRounds):
         if not self.privacy.enabled or not self.privacy.poisson_sampling:
             return None
         if self.participation_withheld:
-            return client.epsilon_if_every_round(self.rounds_trained, self.privacy.delta)
+            return client.epsilon_if_every_round(self.rounds_run, self.privacy.delta)
         return client.epsilon(self.privacy.delta)
 
     def epsilons(self) -> dict[str, float | None]:

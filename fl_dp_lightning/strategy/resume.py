@@ -39,6 +39,7 @@ class ResumableRounds:
             "server_state": self.server_state,
             "planned_rounds": self.planned_rounds,
             "rounds_trained": self.rounds_trained,
+            "rounds_run": self.rounds_run,
             "faults": self.faults,
             "clients": {name: c.state_dict() for name, c in self.clients.items()},
         }
@@ -124,6 +125,7 @@ class ResumableRounds:
             client.load_state_dict(saved[name])
         self.planned_rounds = state.get("planned_rounds")
         self.rounds_trained = state.get("rounds_trained", 0)
+        self.rounds_run = state.get("rounds_run", self.rounds_trained)  # checkpoints from before empty rounds counted
         self.faults = list(state.get("faults", []))
         if self.user_level is not None:
             self.user_level.load_state_dict(state["user_level"])

@@ -45,8 +45,8 @@ from fl_dp_lightning.privacy.per_example import (
     per_example_gradients,
 )
 from fl_dp_lightning.privacy.probe import ATOL, RTOL, changed_attributes, probe_sizes, tensor_attributes
-from fl_dp_lightning.strategy.sampling import same_format
 from fl_dp_lightning.strategy.client import ClientState
+from fl_dp_lightning.strategy.sampling import same_format
 from fl_dp_lightning.vectorized.dpsgd import (
     CLASSIFICATION_LOSSES,
     LOSSES,
@@ -159,7 +159,9 @@ class VectorizedClients:
         )
         self._step = self._prepare(self._client_sums)
         self._trial_sizes = probe_sizes([c.batch_size for c in clients])
-        self._public = public if public is not None and same_format(public, (self.inputs[:0], self.targets[:0])) else None
+        self._public = (
+            public if public is not None and same_format(public, (self.inputs[:0], self.targets[:0])) else None
+        )
         self._trial()
 
     def _layer_rules(self) -> LayerRules | None:
