@@ -69,7 +69,7 @@ class RunningDataMean(UnawareModule):
 @pytest.mark.parametrize(
     ("module", "privacy", "message"),
     [
-        (BatchMeanLogits, {}, "removing one record changed the other records' per-example gradients"),
+        (BatchMeanLogits, {}, "removing one record of a batch of 32 changed the other records' per-example gradients"),
         (InBatchMixup, {}, "mixes records of a batch .* mixup"),
         (FoldedRecords, {}, "for a batch of 32 records: the forward folds records into the batch axis"),
         (UnawareModule, {"loss_reduction": "sum"}, "reduces over the batch by mean, .*set privacy.loss_reduction=mean"),

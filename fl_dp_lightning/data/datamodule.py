@@ -112,6 +112,8 @@ class FederatedDataModule(pl.LightningDataModule):
         train: your own training set (split among ``clients``) or a mapping client name -> data set
             (already federated: used as is).
         test: your own validation/test set (required with ``train``).
+        num_classes: with your own data sets, the classes of their integer labels (``None``: the test set's
+            largest label + 1); training labels outside them are refused at load.
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class FederatedDataModule(pl.LightningDataModule):
         features: str = "pixels",
         train: Dataset | Mapping[str, Dataset] | None = None,
         test: Dataset | None = None,
+        num_classes: int | None = None,
     ):
         super().__init__()
         if (train is None) != (test is None):
@@ -161,11 +164,13 @@ class FederatedDataModule(pl.LightningDataModule):
         self.hparams["clients"] = names
         self.client_names = names
         self._given = (train, test) if train is not None else None
+        self._given_classes = num_classes
         self.client_datasets: dict[str, Dataset] = {}
         self.client_holdouts: dict[str, Dataset] = {}
         self.test_set: Dataset | None = None
         self.num_classes: int | None = None
-        """Classes of the integer labels, read from the public test set (``None`` for other targets)."""
+        """Classes of the integer labels: the source's, or read from the public test set (``None`` for other
+        targets)."""
         self.data_origin: str | None = None
 
     @staticmethod
@@ -210,9 +215,10 @@ class FederatedDataModule(pl.LightningDataModule):
         if self._given is not None:
             train, self.test_set = self._given
             origin = "user-provided data sets"
+            classes = self._given_classes or integer_classes(self.test_set)
         else:
             source = self.load_source()
-            train, self.test_set, origin = source.train, source.test, source.origin
+            train, self.test_set, origin, classes = source.train, source.test, source.origin, source.num_classes
         if self.features != "pixels":  # each record mapped alone: what each client would do with its own records
             if isinstance(train, Mapping):
                 train = {name: with_features(data, self.features) for name, data in train.items()}
@@ -228,7 +234,7 @@ class FederatedDataModule(pl.LightningDataModule):
             self._hold_out()
         if self.drop_small_clients:
             self._drop_small_clients()
-        self.num_classes = integer_classes(self.test_set)
+        self.num_classes = classes
         check_labels(self.client_datasets, self.num_classes)
         self.data_origin = origin
         self.hparams["data_origin"] = origin
@@ -333,8 +339,8 @@ def check_labels(datasets: Mapping[str, Dataset], num_classes: int | None) -> No
         labels = _integer_labels(dataset)
         if labels is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
             raise ConfigError(
-                f"client {name!r} holds training labels outside [0, {num_classes}), the classes of the test set: "
-                "relabel its data to the test set's classes (or give a test set with every class)"
+                f"client {name!r} holds training labels outside [0, {num_classes}), the data's classes: relabel its "
+                "data to those classes (or, with your own data sets, pass num_classes=...)"
             )
 
 

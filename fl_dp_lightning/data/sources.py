@@ -37,6 +37,8 @@ class DataSource:
     test: TensorDataset
     origin: str
     """Where the data came from, e.g. ``torchvision MNIST at data/`` (logged with the run's hparams)."""
+    num_classes: int = 10
+    """The classes of its integer labels (public: a property of the data set, not of any record)."""
 
 
 def read_idx(path: Path) -> Tensor:
@@ -158,4 +160,6 @@ def load_synthetic(train_size: int = 2000, test_size: int = 500, seed: int = 0, 
         x = templates[y] + 1.5 * torch.randn(n, 1, 28, 28, generator=gen)
         return TensorDataset(x, y)
 
-    return DataSource(draw(train_size), draw(test_size), f"synthetic ({num_classes} classes, seed {seed})")
+    return DataSource(
+        draw(train_size), draw(test_size), f"synthetic ({num_classes} classes, seed {seed})", num_classes
+    )

@@ -30,6 +30,9 @@ from fl_dp_lightning.config import ConfigError
 POISSON_SPREAD = 4
 """Standard deviations above its mean at which a Poisson batch's size is taken as its upper tail."""
 
+PROBE_SEED = 0
+"""Seed of the random numbers each of the probe's calls draws (mixup partners, augmentation)."""
+
 RTOL, ATOL = 1e-3, 1e-5
 """Tolerance of the probe's comparisons (float32 sums in different orders)."""
 
@@ -155,9 +158,11 @@ Gradients = dict[str, Tensor | None]
 
 
 def _gradients(step: Callable[[Any], Any], params: dict[str, nn.Parameter], batch: Any) -> tuple[Gradients, Gradients]:
-    """Per-example gradients and the module's own gradient of ``step(batch)``'s loss."""
+    """Per-example gradients and the module's own gradient of ``step(batch)``'s loss; every call draws the same
+    random numbers, so that two calls differ only by what the module carries from one to the next."""
     for p in params.values():
         p.grad, p.grad_sample = None, None
+    torch.manual_seed(PROBE_SEED)  # inside the probe's forked RNG: the user's stream is left as it was
     loss = loss_of(step(batch))
     if loss is None:
         raise SensitivityError(
