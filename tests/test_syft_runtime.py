@@ -202,3 +202,116 @@ def test_a_resumed_run_continues_each_datasites_accounting(tmp_path):
     assert {name: c.steps_taken for name, c in resumed.clients.items()} == {
         name: c.steps_taken for name, c in uninterrupted.clients.items()
     }
+
+
+@needs_syft
+def test_pysyfts_default_login_is_refused_and_the_scientist_reads_nothing_of_the_private_asset():
+    from fl_dp_lightning.syft_runtime.clients import PYSYFT_DEFAULT_LOGIN, Datasite
+
+    source = load_synthetic(train_size=50, test_size=10, seed=3)
+    site = Datasite("dave", source.train, port=None)
+    try:
+        with pytest.raises(Exception):  # noqa: B017 (PySyft raises its own exception types)
+            attempt = site.server.login(email=PYSYFT_DEFAULT_LOGIN[0], password=PYSYFT_DEFAULT_LOGIN[1])
+            assert not hasattr(attempt, "datasets"), "the default login still opens the datasite"
+        asset = site.scientist.datasets[0].assets[0]
+        assert not isinstance(asset.data, dict)  # the data scientist's account is refused the private asset
+        assert site.scientist.account.role.name != "ADMIN"
+    finally:
+        site.close()
+
+
+class RoundOneProbe:
+    """A callback that, after round 1, acts as a curious server process: it clears the datasites' registry in
+    its own process (which reset the approved-round count of in-process datasites) and scans its own memory for
+    any of the clients' records."""
+
+    def __init__(self, fingerprints: list[bytes]) -> None:
+        self.fingerprints, self.found, self.registry = fingerprints, None, None
+
+    def __call__(self):
+        from lightning.pytorch.callbacks import Callback
+
+        probe = self
+
+        class Probe(Callback):
+            def on_train_epoch_end(self, trainer, pl_module):
+                if trainer.current_epoch != 0:
+                    return
+                from fl_dp_lightning.syft_runtime import datasite
+
+                probe.registry = len(datasite._SITES)
+                datasite._SITES.clear()
+                probe.found = len(live_records(probe.fingerprints))
+
+        return Probe()
+
+
+def live_records(fingerprints: list[bytes]) -> list:
+    """Every tensor or array alive in this process that holds fingerprinted records: the objects the garbage
+    collector tracks, and what they refer to (numpy arrays are not tracked themselves)."""
+    import gc
+
+    seen, found = set(), []
+    for obj in gc.get_objects():
+        for candidate in (obj, *gc.get_referents(obj)):
+            if id(candidate) not in seen:
+                seen.add(id(candidate))
+                if holds_records(candidate, fingerprints):
+                    found.append(candidate)
+    return found
+
+
+def holds_records(obj, fingerprints: list[bytes]) -> bool:
+    """Whether ``obj`` (a tensor or an array) starts with one of the records fingerprinted."""
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() != 4 or obj.shape[1:] != (1, 28, 28) or obj.dtype != torch.float32 or obj.device.type != "cpu":
+            return False
+        first = obj[:1].contiguous().numpy().tobytes()
+    elif isinstance(obj, np.ndarray):
+        if obj.ndim != 4 or obj.shape[1:] != (1, 28, 28) or obj.dtype != np.float32:
+            return False
+        first = np.ascontiguousarray(obj[:1]).tobytes()
+    else:
+        return False
+    return first in fingerprints
+
+
+def probe_run(port: int | None) -> dict:
+    """Two rounds through datasites, approved one round at a time, with the curious server process's probe after
+    round 1 (run in a fresh process: earlier runs of a test session leave their own records behind)."""
+    source = load_synthetic(train_size=600, test_size=100, seed=3)
+    shares = FederatedDataModule(train=source.train, test=source.test, clients=CLIENTS, batch_size=32)
+    shares.setup("fit")
+    fingerprints = [ds.tensors[0][:1].contiguous().numpy().tobytes() for ds in shares.client_datasets.values()]
+    del shares, source
+    probe = RoundOneProbe(fingerprints)
+    _, strategy = fit(SyftConfig(port=port, approved_rounds=1), rounds=2, checkpoints=probe())
+    report = privacy_report(strategy)
+    return {
+        "registry": probe.registry,
+        "found": probe.found,
+        "approvals": {name: site.approvals for name, site in strategy.datasites.items()},
+        "syft": report["syft"],
+    }
+
+
+@needs_syft
+@pytest.mark.parametrize("port", [18251, None], ids=["loopback_servers", "in_process"])
+def test_with_loopback_servers_the_server_process_holds_no_record_and_cannot_reset_a_round_limit(port):
+    run = subprocess.run(
+        [sys.executable, "-c", f"import json; from tests.test_syft_runtime import probe_run; "
+         f"print('RESULT', json.dumps(probe_run({port})))"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-2000:]
+    result = json.loads(lines[-1][len("RESULT ") :])
+    if port is not None:
+        assert result["registry"] == 0 and result["found"] == 0  # no client state, no record in the server process
+        assert result["approvals"] == {"alice": 2, "bob": 2}  # the used approval was refused by the datasite
+        assert result["syft"]["mode"].startswith("loopback servers")
+    else:  # power, and what the in-process simulation is documented not to isolate
+        assert result["registry"] == 2 and result["found"] > 0
+        assert result["approvals"] == {"alice": 1, "bob": 1}  # the reset let a used-up approval train again
+        assert result["syft"]["isolation"].startswith("none: a single-process simulation")

@@ -64,6 +64,10 @@ class ClientDatasets:
         self.public = public
         self.num_classes = num_classes
 
+    def hand_over_records(self) -> None:
+        """Drops the records (they now live in the clients' datasites), keeping each client's count."""
+        self.datasets = counts_only(self.datasets)
+
     def __iter__(self) -> Iterator:
         raise TypeError(
             "ClientDatasets are sampled by the federated strategy: pass "
@@ -74,6 +78,25 @@ class ClientDatasets:
     def __repr__(self) -> str:
         sizes = {name: len(ds) for name, ds in self.datasets.items()}
         return f"ClientDatasets({sizes}, batch_size={self.batch_size})"
+
+
+class RecordCount(Dataset):
+    """A client's data set whose records live elsewhere (in its PySyft datasite's process): only its public
+    record count is left here."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> Any:
+        raise TypeError("this client's records were handed over to its datasite; none are kept here")
+
+
+def counts_only(datasets: Mapping[str, Dataset]) -> dict[str, RecordCount]:
+    """Each data set replaced by its record count."""
+    return {name: RecordCount(len(dataset)) for name, dataset in datasets.items()}
 
 
 def eval_loader(dataset: Dataset, batch_size: int) -> DataLoader:
@@ -160,7 +183,7 @@ class FederatedDataModule(pl.LightningDataModule):
         self.drop_small_clients, self.holdout_fraction = drop_small_clients, holdout_fraction
         self.batch_size, self.eval_batch_size, self.root = batch_size, eval_batch_size, root
         self.seed, self.synthetic_sizes, self.features = seed, tuple(synthetic_sizes), features
-        self.save_hyperparameters(ignore=["train", "test", "clients"])  # for the loggers
+        self.save_hyperparameters(ignore=["train", "test", "clients", "num_classes"])  # for the loggers
         self.hparams["clients"] = names
         self.client_names = names
         self._given = (train, test) if train is not None else None
@@ -261,6 +284,12 @@ class FederatedDataModule(pl.LightningDataModule):
         self.client_names = list(self.client_datasets)
         if small:
             rank_zero_info(f"client.drop_small: left out {len(small)} clients below the batch size: {small[:20]}")
+
+    def hand_over_records(self) -> None:
+        """Drops the clients' records from this process (they now live in their datasites' processes), keeping
+        their counts, which checkpoints compare; the public test set stays."""
+        self.client_datasets = counts_only(self.client_datasets)
+        self._given = None
 
     def client_sizes(self) -> dict[str, int]:
         """Each client's record count (public under the replace-one guarantee)."""

@@ -160,6 +160,4 @@ def load_synthetic(train_size: int = 2000, test_size: int = 500, seed: int = 0, 
         x = templates[y] + 1.5 * torch.randn(n, 1, 28, 28, generator=gen)
         return TensorDataset(x, y)
 
-    return DataSource(
-        draw(train_size), draw(test_size), f"synthetic ({num_classes} classes, seed {seed})", num_classes
-    )
+    return DataSource(draw(train_size), draw(test_size), f"synthetic ({num_classes} classes, seed {seed})", num_classes)

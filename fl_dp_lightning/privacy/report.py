@@ -77,6 +77,7 @@ def privacy_report(strategy: Any) -> dict[str, Any]:
         "not_covered": [*privacy.weakened_by(), *ALWAYS_NOT_COVERED, *fault_release(strategy), *syft_release(strategy)]
         if privacy.enabled
         else [],
+        "syft": None if strategy.syft is None else syft_mode(strategy.syft.port),
         "faults": [{"round": f["round"], "client": None, "reason": f["reason"]} for f in strategy.faults]
         if withheld
         else strategy.faults,
@@ -84,6 +85,22 @@ def privacy_report(strategy: Any) -> dict[str, Any]:
         if strategy.user_level is None
         else strategy.user_level.report(guaranteed=not privacy.unsafe_seeded_randomness),
         "clients": rows,
+    }
+
+
+def syft_mode(port: int | None) -> dict[str, str]:
+    """Which datasite mode ran, and what it isolates."""
+    if port is None:
+        return {
+            "mode": "in-process datasites (client.syft.port=null)",
+            "isolation": "none: a single-process simulation; the server's process can read every record and every "
+            "datasite's state (its accountant, its approved-round count)",
+        }
+    return {
+        "mode": f"loopback servers (127.0.0.1:{port} and up), one process per datasite",
+        "isolation": "each client's records, accountant, random streams and approved-round count live only in its "
+        "datasite's process; the server's process keeps their record counts and talks to each datasite as a "
+        "data scientist, whose account cannot read the private asset; each owner's login is a generated secret",
     }
 
 

@@ -49,7 +49,7 @@ from fl_dp_lightning.config import (
     SyftConfig,
     UserPrivacyConfig,
 )
-from fl_dp_lightning.data.datamodule import ClientDatasets
+from fl_dp_lightning.data.datamodule import ClientDatasets, FederatedDataModule, RecordCount
 from fl_dp_lightning.evaluation import evaluate_on
 from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
 from fl_dp_lightning.privacy.layers import fix_layers, unsupported_layers
@@ -463,7 +463,7 @@ class FederatedRounds(ResumableRounds):
                 "client.holdout_fraction with client.runtime=syft: the held-out records would have to be evaluated "
                 "inside each datasite, which is not built yet; set client.holdout_fraction=0"
             )
-        return SyftClients(
+        clients = SyftClients(
             self.lightning_module,
             self.optimizers[0],
             data.datasets,
@@ -476,6 +476,21 @@ class FederatedRounds(ResumableRounds):
             overrides=self.client_overrides,
             seed=self.seed,
         )
+        if self.syft.port is None:
+            warnings.warn(
+                "client.runtime=syft with client.syft.port=null runs every datasite inside this process: a "
+                "simulation with no isolation (this process can read every record and any datasite's state); set "
+                "client.syft.port for datasites in their own processes",
+                stacklevel=2,
+            )
+        else:  # the records now live in the datasites' processes: this one keeps their counts only
+            for client in self.clients.values():
+                client.dataset = RecordCount(client.num_examples)
+            data.hand_over_records()
+            datamodule = self.lightning_module.trainer.datamodule
+            if isinstance(datamodule, FederatedDataModule):
+                datamodule.hand_over_records()
+        return clients
 
     def _make_user_level(self) -> UserLevelDP:
         count = len(self.clients)

@@ -8,9 +8,14 @@ is approved, every round sends the global weights and SGD settings as a request 
 the private asset and reads back the reply: new weights, record count, epsilon and the accountant's history (the
 server mirrors the history to check budgets and write the report; the random streams stay in the datasite).
 
-Datasites run in this process by default, or each as its own HTTP server on a loopback port
-(``client.syft.port``). A request the owner denies, a datasite that errs and one that does not answer within
-``client.syft.timeout_s`` drop that client from the round, as ``client.on_failure`` says.
+Datasites run in this process by default, a single-process simulation with no isolation (the server's process
+can read every record), or each as its own HTTP server process on a loopback port (``client.syft.port``): then
+the records live only in their datasite's process (the server hands them over at the start and keeps their count),
+and so do the client's accountant and the approved-round count, out of the server process's reach. Each owner's
+login is a secret generated for its datasite (PySyft's default root login is replaced before any upload and is
+never written anywhere); the server logs in as a data scientist, who cannot read the private asset. A request the
+owner denies, a datasite that errs and one that does not answer within ``client.syft.timeout_s`` drop that client
+from the round, as ``client.on_failure`` says.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ from fl_dp_lightning.strategy.client import ClientState
 from fl_dp_lightning.syft_runtime.datasite import APPROVAL_USED, build_module
 from fl_dp_lightning.vectorized.engine import SGD_SETTINGS, ClientUpdate
 
-OWNER = ("info@openmined.org", "changethis")
-"""PySyft's default root login of a new datasite (the owner's account in a simulation)."""
+PYSYFT_DEFAULT_LOGIN = ("info@openmined.org", "changethis")
+"""PySyft's root login of a new datasite: replaced by the owner's own secrets before anything is uploaded."""
 SCIENTIST_EMAIL = "server@example.org"
 BLOB_STORE_THRESHOLD_MB = 1 << 20
 """Objects PySyft keeps out of its blob store (MB): all of them (set only when the environment does not say)."""
@@ -97,9 +102,9 @@ class Datasite:
         # PySyft moves objects over 1 MB to its blob store, then walks their bytes one by one on every read: a
         # client's records took 20 s per round that way (30,000 images), 3 s in the action store (measured)
         os.environ.setdefault("MIN_SIZE_BLOB_STORAGE_MB", str(BLOB_STORE_THRESHOLD_MB))
-        launch = {"port": port, "dev_mode": False} if port is not None else {}
+        launch = {"port": port, "dev_mode": False, "host": "127.0.0.1"} if port is not None else {}
         self.server = sy.orchestra.launch(name=f"fl-{name}", reset=True, **launch)
-        self.owner = self.server.login(email=OWNER[0], password=OWNER[1])
+        self.owner = self._own()
         x, y = (t.numpy() for t in dataset.tensors)
         mock_rng = np.random.default_rng(0)  # public random data of the same shapes and label range
         mock = {
@@ -118,6 +123,15 @@ class Datasite:
         self.function: str | None = None
         self.approvals = 0
         """Requests its owner approved so far."""
+
+    def _own(self) -> Any:
+        """Replaces PySyft's default root login by a generated one and logs the owner in with it. The secret stays
+        in this call: nothing holds or writes it afterwards (the owner's session is a signed key, not a password)."""
+        email, password = f"owner-{secrets.token_hex(8)}@example.org", secrets.token_urlsafe(24)
+        root = self.server.login(email=PYSYFT_DEFAULT_LOGIN[0], password=PYSYFT_DEFAULT_LOGIN[1])
+        root.account.set_password(password, confirm=False)
+        root.account.set_email(email)
+        return self.server.login(email=email, password=password)
 
     def request(self, name: str, source: str, approval: str, timeout: float) -> None:
         """Submits the approved code ``source`` (function ``name``) and waits for the owner's answer."""

@@ -87,11 +87,14 @@ class DatasiteClient:
         budget, client = terms["max_epsilon"], self.client
         if budget is not None and client.epsilon_after(client.steps_per_round, self.privacy.delta) > budget:
             return {"refused": "budget", "reason": f"another round would carry epsilon past the approved {budget}"}
-        self.rounds_run[approval] = self.rounds_run.get(approval, 0) + 1
         self.module.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in request["weights"].items()})
         for group, settings in zip(self.optimizer.param_groups, request["sgd"]):
             group.update(settings)  # lr, momentum, ...: the server's schedule; none of them affects privacy
-        update = next(self.engine.train([client], float(request["proximal_mu"])))
+        mu = float(request["proximal_mu"])
+        # the round counts against the approval from here, where training (and spending privacy) starts: a request
+        # that fails before it (weights that do not fit, bad settings) uses nothing up
+        self.rounds_run[approval] = self.rounds_run.get(approval, 0) + 1
+        update = next(self.engine.train([client], mu))
         return {
             "params": {name: value.detach().cpu().numpy() for name, value in update.params.items()},
             "num_examples": client.num_examples,
