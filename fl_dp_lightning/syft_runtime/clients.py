@@ -21,7 +21,9 @@ from the round, as ``client.on_failure`` says.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import importlib.util
+import multiprocessing
 import os
 import secrets
 import tempfile
@@ -102,8 +104,13 @@ class Datasite:
         # PySyft moves objects over 1 MB to its blob store, then walks their bytes one by one on every read: a
         # client's records took 20 s per round that way (30,000 images), 3 s in the action store (measured)
         os.environ.setdefault("MIN_SIZE_BLOB_STORAGE_MB", str(BLOB_STORE_THRESHOLD_MB))
-        launch = {"port": port, "dev_mode": False, "host": "127.0.0.1"} if port is not None else {}
-        self.server = sy.orchestra.launch(name=f"fl-{name}", reset=True, **launch)
+        if port is None:
+            self.server = sy.orchestra.launch(name=f"fl-{name}", reset=True)
+        else:
+            with spawned_processes():  # a forked datasite would inherit this process's memory: every client's records
+                self.server = sy.orchestra.launch(
+                    name=f"fl-{name}", reset=True, port=port, dev_mode=False, host="127.0.0.1"
+                )
         self.owner = self._own()
         x, y = (t.numpy() for t in dataset.tensors)
         mock_rng = np.random.default_rng(0)  # public random data of the same shapes and label range
@@ -171,6 +178,17 @@ class Datasite:
 
     def close(self) -> None:
         self.server.land()
+
+
+@contextlib.contextmanager
+def spawned_processes() -> Iterator[None]:
+    """New processes start from a fresh interpreter (``spawn``), not as a copy of this one (``fork``), inside."""
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(before, force=True)
 
 
 def load_function(name: str, source: str) -> Any:
