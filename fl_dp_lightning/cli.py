@@ -260,7 +260,8 @@ def main(cfg: DictConfig, run_dir: str | Path | None = None) -> None:
 
 
 def resume_command(run_dir: Path) -> str:
-    """The command that resumes this run from its last checkpoint: its own overrides plus ``trainer.ckpt_path``."""
+    """The command that resumes this run from its last checkpoint, in its own folder: its overrides, the folder and
+    ``trainer.ckpt_path``."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -268,7 +269,8 @@ def resume_command(run_dir: Path) -> str:
     except ValueError:  # not started by Hydra (run(cfg, run_dir) from Python)
         overrides = sys.argv[1:]
     kept = [o for o in overrides if not o.startswith(("trainer.ckpt_path=", "hydra."))]
-    return " ".join(["python train.py", *kept, f"trainer.ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"])
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    return " ".join(["python train.py", *kept, f"hydra.run.dir={run_dir}", f"trainer.ckpt_path={checkpoint}"])
 
 
 def stopped(run_dir: Path, signal_name: str, status: int) -> NoReturn:
