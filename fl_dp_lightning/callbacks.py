@@ -159,8 +159,10 @@ class FederatedLogger(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
                 logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
-        privacy = federated_strategy(trainer).privacy
-        if trainer.is_global_zero and (not privacy.enabled or privacy.unsafe_release_class_counts):
+        strategy = federated_strategy(trainer)
+        privacy = strategy.privacy
+        no_dp = not privacy.enabled and strategy.user_level is None
+        if trainer.is_global_zero and (no_dp or privacy.unsafe_release_class_counts):
             self.log_class_counts(trainer)
 
     def log_class_counts(self, trainer: pl.Trainer) -> None:

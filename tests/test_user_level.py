@@ -275,3 +275,23 @@ def test_released_participation_is_accounted_without_amplification(synthetic):
     assert strategy.user_level.accountant.history == [(1.0, 1.0, 3)]
     tags = {key for _, metrics in logger.records for key in metrics}
     assert {f"privacy/epsilon/{n}" for n in strategy.clients} <= tags
+
+
+@ENGINES
+def test_under_user_level_dp_alone_nothing_computed_from_a_clients_records_is_logged(synthetic, engine, caplog):
+    """privacy=none with user-level DP: no per-client training metric, training-stage self.log or class count
+    reaches a logger or the log; only the global model's validation metrics and the epsilons do."""
+    logger = RecordingLogger()
+    user = UserPrivacyConfig(enabled=True, noise_multiplier=1.0, clip=0.1)
+    with caplog.at_level("INFO"):
+        _, strategy = fit(synthetic, user, clients=4, fraction=1.0, sampling="uniform", rounds=2, engine=engine,
+                          logger=logger)  # fmt: skip
+    tags = {key for _, metrics in logger.records for key in metrics}
+    assert tags and not [t for t in tags if t.startswith(("train/", "holdout/"))], tags
+    assert "privacy/user_epsilon" in tags
+    assert "Records per class" not in caplog.text
+    assert not [line for line in caplog.text.splitlines() if "loss" in line and "client_" in line]
+    if engine == "opacus":  # the module's training-stage self.log is withheld, by name
+        assert strategy.withheld_logs
+    report = privacy_report(strategy)
+    assert report["released"][0].startswith("no record-level DP (privacy.enabled is false); under user-level DP")

@@ -22,6 +22,12 @@ RELEASED = (
     "validation and test metrics: computed on the shared public set, not on client data",
 )
 
+USER_LEVEL_ONLY = (
+    "no record-level DP (privacy.enabled is false); under user-level DP only each round's global model leaves (the "
+    "clipped updates' noised mean): per-client training metrics, training-stage self.log, held-out metrics, class "
+    "counts and error messages are withheld"
+)
+
 SYFT_REPLY = (
     "client.runtime=syft: each datasite's reply: the weights above, its record count, epsilon and its accountant's "
     "history (noise, sample rate, steps: public settings); its random streams stay in the datasite"
@@ -56,7 +62,12 @@ def privacy_report(strategy: Any) -> dict[str, Any]:
             "steps": None if withheld else client.steps_taken,
             "num_examples": client.num_examples,
         }
-    released = list(RELEASED) if privacy.enabled else ["everything: no record-level DP (privacy.enabled is false)"]
+    if privacy.enabled:
+        released = list(RELEASED)
+    elif strategy.user_level is not None:
+        released = [USER_LEVEL_ONLY]
+    else:
+        released = ["everything: no record-level DP (privacy.enabled is false)"]
     if strategy.secure_aggregation.enabled:
         released.append(
             "secure aggregation (simulated): the server decodes only each round's sum of the clients' contributions"

@@ -228,11 +228,10 @@ class FederatedRounds(ResumableRounds):
             self._relaid = [p for p in self.lightning_module.parameters() if p.dim() == 4 and p.is_contiguous()]
             for param in self._relaid:
                 param.data = channels_last(param.data)
-        if self.privacy.enabled:
-            if not self.vectorized:
-                self._make_private()
-            if not self.privacy.unsafe_release_training_metrics:
-                self._withhold_private_outputs()
+        if self.privacy.enabled and not self.vectorized:
+            self._make_private()
+        if not self.releases_client_outputs:
+            self._withhold_private_outputs()
         if self.log_rounds:
             from fl_dp_lightning.callbacks import FederatedLogger
 
@@ -326,7 +325,8 @@ class FederatedRounds(ResumableRounds):
         self.optimizers = [self._dp_optimizer]
 
     def _withhold_private_outputs(self) -> None:
-        """Keeps the client's private intermediate values in: training-stage ``self.log`` and raw gradients."""
+        """Keeps the client's private intermediate values in: training-stage ``self.log`` and, under record-level
+        DP, raw gradients."""
         module = self.lightning_module
         release = module.log
 
@@ -337,6 +337,8 @@ class FederatedRounds(ResumableRounds):
             release(name, value, *args, **kwargs)
 
         module.log = log  # log_dict goes through it too
+        if not self.privacy.enabled:  # user-level DP alone: the client's optimizer steps on the plain gradient
+            return
         # the summed, unclipped gradient must not outlive backward (Opacus uses the per-example ones)
         self._grad_hooks = [
             p.register_post_accumulate_grad_hook(self._drop_grad) for p in module.parameters() if p.requires_grad
@@ -475,6 +477,7 @@ class FederatedRounds(ResumableRounds):
             local_epochs=self.local_epochs,
             overrides=self.client_overrides,
             seed=self.seed,
+            release_outputs=self.releases_client_outputs,
         )
         if self.syft.port is None:
             warnings.warn(
@@ -781,20 +784,20 @@ class FederatedRounds(ResumableRounds):
             if self.on_client_failure == "raise" or self._client is None:
                 raise
             # the message of an error raised on a client's records may quote them: under DP only its type leaves
-            released = self.privacy.releases_client_outputs
+            released = self.releases_client_outputs
             self._fail_client(
                 f"{type(err).__name__}" + (f": {err}" if released else " (message withheld: it may quote private data)")
             )
             # this step becomes an empty DP step: noise added and accounted (conservative), the weights discarded
             self._empty_batch = True
             return torch.zeros((), device=self.root_device, requires_grad=True)
-        if self.privacy.releases_client_outputs:
+        if self.releases_client_outputs:
             self._record_metrics(output)
         return output
 
     def _train_vectorized(self) -> None:
         clients = [self.clients[name] for name, _ in self._local_plan.segments]
-        release = self.privacy.releases_client_outputs
+        release = self.releases_client_outputs
         for update in self._vectorized_clients.train(clients, self.proximal_mu):
             if update.failure is not None:  # a datasite that denied, failed or timed out
                 if self.on_client_failure == "raise":
@@ -938,7 +941,7 @@ class FederatedRounds(ResumableRounds):
         """The global model's metrics on each client's held-out records (``client.holdout_fraction``), from the
         module's ``validation_step``; computed only where they may be released (no DP, or
         ``privacy.unsafe_release_training_metrics``): they come from private records without noise."""
-        if not self.holdouts or not self.privacy.releases_client_outputs:
+        if not self.holdouts or not self.releases_client_outputs:
             return {}
         batch = self._holdout_batch_size
         return {
@@ -956,6 +959,15 @@ class FederatedRounds(ResumableRounds):
     def guaranteed(self) -> bool:
         """Whether the epsilons reported are proven upper bounds for what this run does."""
         return self.privacy.enabled and not self.privacy.weakened_by()
+
+    @property
+    def releases_client_outputs(self) -> bool:
+        """Whether values computed from client records without noise (training metrics, training-stage
+        ``self.log``, held-out metrics, error messages) may leave a client: only with no DP at all (record- or
+        user-level), or under ``privacy.unsafe_release_training_metrics``."""
+        if self.privacy.unsafe_release_training_metrics:
+            return True
+        return not self.privacy.enabled and not self.user_privacy.enabled
 
     @property
     def participation_withheld(self) -> bool:

@@ -217,6 +217,8 @@ class SyftClients:
         engine, privacy: as for the local vectorized engine.
         config: the datasites (ports, approval, approved rounds, timeout).
         batch_size, local_epochs, overrides, seed: what :func:`~fl_dp_lightning.strategy.client.make_client` gets.
+        release_outputs: whether training metrics and error messages computed from the records may come back
+            (no DP at all, or the unsafe opt-in).
     """
 
     def __init__(
@@ -233,6 +235,7 @@ class SyftClients:
         local_epochs: int,
         overrides: Mapping[str, ClientOverride],
         seed: int,
+        release_outputs: bool,
     ):
         self.module, self.optimizer, self.config = module, optimizer, config
         self.spec = module_spec(module)
@@ -251,10 +254,10 @@ class SyftClients:
             "seed": seed,
             "approved_rounds": config.approved_rounds,
             "max_epsilon": privacy.max_epsilon if privacy.max_epsilon is not None else privacy.target_epsilon,
-            "release_metrics": privacy.releases_client_outputs,
+            "release_metrics": release_outputs,
         }
         self.overrides = overrides
-        self.quote_errors = privacy.releases_client_outputs
+        self.quote_errors = release_outputs
         self.approvals: dict[str, int] = {}
         self.started: set[str] = set()
         """The clients whose round reached their datasite in the current round."""
