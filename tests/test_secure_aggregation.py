@@ -101,7 +101,7 @@ def test_a_sparse_neighbour_graph_is_symmetric_and_still_sums_exactly():
     assert np.abs(round_.unmask(500) - (sum(updates) - updates[7])).max() <= 30 * 0.5 / SCALE
 
 
-def fit(synthetic, secure: bool, make_module=small_classifier, user=None):
+def fit(synthetic, secure: bool, make_module=small_classifier, user=None, engine="opacus"):
     pl.seed_everything(0)
     module = make_module()
     datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=["a", "b", "c"], batch_size=40)
@@ -109,15 +109,17 @@ def fit(synthetic, secure: bool, make_module=small_classifier, user=None):
         privacy=PrivacyConfig(unsafe_seeded_randomness=True),
         secure_aggregation=SecureAggregationConfig(enabled=secure),
         user_privacy=user,
+        engine=engine,
     )
     make_trainer(strategy, 2, limit_val_batches=0).fit(module, datamodule)
     return module, strategy
 
 
+@pytest.mark.parametrize("engine", ["opacus", "vectorized"])
 @pytest.mark.parametrize("user", [None, UserPrivacyConfig(enabled=True, clip=0.5)])
-def test_a_run_with_secure_aggregation_equals_the_run_without_within_the_quantization_error(synthetic, user):
-    plain, _ = fit(synthetic, False, user=user)
-    secure, strategy = fit(synthetic, True, user=user)
+def test_a_run_with_secure_aggregation_equals_the_run_without_within_the_quantization_error(synthetic, user, engine):
+    plain, _ = fit(synthetic, False, user=user, engine=engine)
+    secure, strategy = fit(synthetic, True, user=user, engine=engine)
     # each coordinate of each weighted contribution is rounded to 1 / scale; three clients per round
     for key, value in weights(plain).items():
         torch.testing.assert_close(weights(secure)[key], value, atol=1e-4, rtol=0)

@@ -93,7 +93,8 @@ def fit(
     return module, strategy
 
 
-def test_each_clients_contribution_is_clipped_to_the_norm_in_a_real_run(synthetic, monkeypatch):
+@ENGINES
+def test_each_clients_contribution_is_clipped_to_the_norm_in_a_real_run(synthetic, monkeypatch, engine):
     norms = []
     real_add = RunningAverage.add
 
@@ -102,7 +103,9 @@ def test_each_clients_contribution_is_clipped_to_the_norm_in_a_real_run(syntheti
         real_add(self, state, weight, client)
 
     monkeypatch.setattr(RunningAverage, "add", record)
-    fit(synthetic, UserPrivacyConfig(enabled=True, clip=0.05), fraction=1.0, sampling="uniform", rounds=1)
+    fit(
+        synthetic, UserPrivacyConfig(enabled=True, clip=0.05), fraction=1.0, sampling="uniform", rounds=1, engine=engine
+    )
     assert len(norms) == 12 and max(norms) <= 0.05 * (1 + 1e-6) and min(norms) > 0.04  # the updates exceed 0.05
 
 
