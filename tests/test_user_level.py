@@ -23,7 +23,7 @@ from fl_dp_lightning.privacy.user_level import (
 )
 from fl_dp_lightning.strategy.user_level import UserLevelDP
 
-from .conftest import RecordingLogger, make_trainer
+from .conftest import RecordingLogger, direct_epsilon, make_trainer
 from .test_config import composed
 from .test_strategy import small_classifier, weights
 
@@ -269,13 +269,24 @@ def test_no_per_client_participation_reaches_a_logger_by_default_under_sampled_u
     assert report["user_level"]["participation"].startswith("withheld")
     bound = max(c.epsilon(1e-5) for c in strategy.clients.values())
     assert report["clients"][names[0]]["epsilon"] >= bound - 1e-9  # a bound on every client's own epsilon
+    client = strategy.clients[names[0]]  # and it is dp-accounting's replace-one PLD of every round's steps
+    direct = direct_epsilon(client.sample_rate, client.noise_multiplier, 3 * client.steps_per_round, 1e-5)
+    assert report["clients"][names[0]]["epsilon"] == pytest.approx(direct, rel=0.02)
 
 
-def test_released_participation_is_accounted_without_amplification(synthetic):
+@ENGINES
+def test_released_participation_is_accounted_without_amplification(synthetic, engine):
     logger = RecordingLogger()
     user = UserPrivacyConfig(enabled=True, noise_multiplier=1.0, clip=0.1, release_participation=True)
-    _, strategy = fit(synthetic, user, clients=6, fraction=0.5, rounds=3, privacy=PrivacyConfig(), logger=logger)
+    _, strategy = fit(
+        synthetic, user, clients=6, fraction=0.5, rounds=3, privacy=PrivacyConfig(), logger=logger, engine=engine
+    )
     assert strategy.user_level.accountant.history == [(1.0, 1.0, 3)]
+    direct = dp_accounting.pld.PLDAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=1e-4
+    )
+    expected = direct.compose(dp_accounting.GaussianDpEvent(1.0), 3).get_epsilon(1e-5)  # three unsampled rounds
+    assert strategy.user_level.epsilon() == pytest.approx(expected, rel=0.02)
     tags = {key for _, metrics in logger.records for key in metrics}
     assert {f"privacy/epsilon/{n}" for n in strategy.clients} <= tags
 

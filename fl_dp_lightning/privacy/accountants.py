@@ -165,9 +165,15 @@ def epsilon_spent(accountant: IAccountant, delta: float) -> float:
     Epsilon depends only on the accountant's kind, its history and delta, so it is computed once per distinct
     history: a thousand clients with the same sample rate cost one computation, not a thousand.
     """
-    if len(accountant.history) == 0:
+    return epsilon_of_history(type(accountant), accountant.history, delta)
+
+
+def epsilon_of_history(kind: type[IAccountant], history: Sequence[Sequence[float]], delta: float) -> float:
+    """Epsilon at ``delta`` of an accountant of ``kind`` holding ``history`` ((noise, sample rate, steps) entries):
+    what a client would reach, or a bound from public settings, without touching its own accountant."""
+    if len(history) == 0:
         return 0.0
-    return _epsilon(type(accountant), tuple(tuple(entry) for entry in accountant.history), delta)
+    return _epsilon(kind, tuple(tuple(entry) for entry in history), delta)
 
 
 @lru_cache(maxsize=4096)

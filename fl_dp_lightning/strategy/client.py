@@ -8,7 +8,6 @@ a checkpoint carries their state only under ``privacy.unsafe_seeded_randomness``
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,7 @@ from opacus.accountants import IAccountant
 from torch.utils.data import Dataset
 
 from fl_dp_lightning.config import ClientOverride, ConfigError, PrivacyConfig
-from fl_dp_lightning.privacy.accountants import epsilon_spent, make_accountant
+from fl_dp_lightning.privacy.accountants import epsilon_of_history, epsilon_spent, make_accountant
 from fl_dp_lightning.privacy.randomness import NOISE_STREAM, SAMPLER_STREAM, stream_generator
 from fl_dp_lightning.strategy.sampling import poisson_batches, poisson_steps_per_epoch, shuffled_batches
 
@@ -83,16 +82,15 @@ class ClientState:
 
         Accountants that read their whole history (``pld``, ``rdp``) only; GDP is refused with a budget.
         """
-        trial = type(self.accountant)()
-        trial.history = [*self.accountant.history, (self.noise_multiplier, self.sample_rate, steps)]
-        return epsilon_spent(trial, delta)
+        history = [*self.accountant.history, (self.noise_multiplier, self.sample_rate, steps)]
+        return epsilon_of_history(type(self.accountant), history, delta)
 
     def epsilon_if_every_round(self, rounds: int, delta: float) -> float:
         """The epsilon this client would have spent had it trained in each of ``rounds`` rounds: a bound computed
         from public settings alone, released where its own epsilon would show which rounds it took part in."""
-        return epsilon_bound(
-            type(self.accountant), self.noise_multiplier, self.sample_rate, rounds * self.steps_per_round, delta
-        )
+        steps = rounds * self.steps_per_round
+        history = [(self.noise_multiplier, self.sample_rate, steps)] if steps else []
+        return epsilon_of_history(type(self.accountant), history, delta)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must carry to continue this client exactly."""
@@ -121,16 +119,6 @@ class ClientState:
                 self.noise_rng.set_state(state["noise_rng"])
         self.noise_multiplier = state["noise_multiplier"]
         self.steps_taken = state["steps_taken"]
-
-
-@functools.lru_cache(maxsize=4096)
-def epsilon_bound(kind: type, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Epsilon after ``steps`` steps at one noise and sample rate (cached: many clients share their settings)."""
-    if steps == 0:
-        return 0.0
-    trial = kind()
-    trial.history = [(noise_multiplier, sample_rate, steps)]
-    return epsilon_spent(trial, delta)
 
 
 def make_client(

@@ -51,13 +51,14 @@ from fl_dp_lightning.config import (
 )
 from fl_dp_lightning.data.datamodule import ClientDatasets, FederatedDataModule, RecordCount
 from fl_dp_lightning.evaluation import evaluate_on
+from fl_dp_lightning.privacy.accountants import epsilon_of_history
 from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
 from fl_dp_lightning.privacy.layers import fix_layers, unsupported_layers
 from fl_dp_lightning.privacy.per_example import ContiguousGradSampleModule, channels_last
 from fl_dp_lightning.privacy.probe import check_sensitivity, probe_sizes, random_batch_like
 from fl_dp_lightning.secure_aggregation import WEIGHT_HEADROOM, SecureSum, check_capacity
 from fl_dp_lightning.server import apply_server_optimizer
-from fl_dp_lightning.strategy.client import ClientReport, ClientState, epsilon_bound, make_client
+from fl_dp_lightning.strategy.client import ClientReport, ClientState, make_client
 from fl_dp_lightning.strategy.resume import ResumableRounds
 from fl_dp_lightning.strategy.sampling import call_training_step, on_device, same_format, take_batch
 from fl_dp_lightning.strategy.schedule import RoundPlan, clients_per_round, plan_round
@@ -411,13 +412,13 @@ class FederatedRounds(ResumableRounds):
         rounds = self._planned_rounds()
         if self.privacy.enabled and self.privacy.poisson_sampling and self.privacy.accountant != "gdp":
             clients = list(self.clients.values())
-            worst = epsilon_bound(  # epsilon grows with the sample rate and steps and falls with the noise
-                type(clients[0].accountant),
+            # epsilon grows with the sample rate and steps and falls with the noise: one bound for every client
+            worst_setting = (
                 min(c.noise_multiplier for c in clients),
                 max(c.sample_rate for c in clients),
                 rounds * max(c.steps_per_round for c in clients),
-                self.privacy.delta,
             )
+            worst = epsilon_of_history(type(clients[0].accountant), [worst_setting], self.privacy.delta)
             for client in clients if not math.isfinite(worst) else ():
                 if not math.isfinite(client.epsilon_if_every_round(rounds, self.privacy.delta)):
                     raise ConfigError(
@@ -697,8 +698,7 @@ class FederatedRounds(ResumableRounds):
             eps = self.clients[name].epsilon_after(steps, self.privacy.delta)
             if eps > budget:
                 over[name] = eps
-        if over and self.participation_withheld:
-            rank_zero_info(f"round {plan.round_idx + 1}: {len(over)} client(s) sit out (privacy.max_epsilon={budget})")
+        # who sits out (and how many) follows from who took part before: kept in where participation is withheld
         for name, eps in over.items() if not self.participation_withheld else ():
             rank_zero_info(
                 f"round {plan.round_idx + 1}: client {name!r} sits out: this round would bring its epsilon to "

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fl_dp_lightning.config import ConfigError, UserPrivacyConfig
-from fl_dp_lightning.privacy.accountants import epsilon_spent, make_user_accountant
+from fl_dp_lightning.privacy.accountants import epsilon_of_history, epsilon_spent, make_user_accountant
 from fl_dp_lightning.privacy.calibration import smallest_noise_multiplier
 from fl_dp_lightning.privacy.randomness import SERVER_STREAM, stream_generator
 from fl_dp_lightning.privacy.user_level import (
@@ -131,9 +131,8 @@ class UserLevelDP:
 
     def epsilon_after(self, rounds: int) -> float:
         """The user-level epsilon after ``rounds`` rounds from the start at the current noise."""
-        trial = type(self.accountant)()
-        trial.history = [(self.noise_multiplier, self.accounted_rate, rounds)]
-        return epsilon_spent(trial, self.config.delta)
+        history = [(self.noise_multiplier, self.accounted_rate, rounds)]
+        return epsilon_of_history(type(self.accountant), history, self.config.delta)
 
     def report(self, guaranteed: bool) -> dict[str, Any]:
         """The report's user-level section."""
