@@ -103,6 +103,27 @@ def test_a_new_approval_every_round_changes_nothing_but_the_requests():
 
 
 @needs_syft
+def test_datasites_asked_in_parallel_never_parse_submitted_code_at_once(monkeypatch):
+    # ast.parse in two threads at once fails on CPython < 3.11.8 (gh-106905); PySyft parses every submission
+    import ast
+
+    parse, active, overlaps = ast.parse, [0], []
+
+    def watched(*args, **kwargs):
+        active[0] += 1
+        overlaps.append(active[0])
+        time.sleep(0.05)  # widens the window two unserialized submissions would share
+        try:
+            return parse(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(ast, "parse", watched)
+    fit(SyftConfig(), rounds=1)
+    assert overlaps and max(overlaps) == 1
+
+
+@needs_syft
 def test_the_server_reads_only_the_mock_and_the_private_records_stay_in_the_datasite():
     from fl_dp_lightning.syft_runtime.clients import Datasite
 

@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import secrets
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
@@ -49,6 +50,9 @@ PYSYFT_DEFAULT_LOGIN = ("info@openmined.org", "changethis")
 """PySyft's root login of a new datasite: replaced by the owner's own secrets before anything is uploaded."""
 SCIENTIST_EMAIL = "server@example.org"
 BLOB_STORE_THRESHOLD_MB = 1 << 20
+# PySyft parses submitted code with ast.parse, which CPython before 3.11.8 and 3.12.2 cannot run in two threads at
+# once (gh-106905: "AST constructor recursion depth mismatch"); datasites are asked in parallel threads.
+_SUBMISSION = threading.Lock()
 """Objects PySyft keeps out of its blob store (MB): all of them (set only when the environment does not say)."""
 APPROVED_CODE = '''def {name}(records, request):
     """fl_dp_lightning: one DP-SGD round of client {client!r} on these records, under the terms below."""
@@ -148,8 +152,11 @@ class Datasite:
         function = load_function(name, source)
         policy = sy.MixedInputPolicy(records=self.asset, request=dict, client=self.scientist)
         # syft 0.9.5 does not enforce its execution count: the approved code counts its own rounds
-        submitted = sy.syft_function(input_policy=policy, output_policy=OutputPolicyExecuteCount(limit=10**9))(function)
-        request = self.scientist.code.request_code_execution(submitted)
+        with _SUBMISSION:
+            submitted = sy.syft_function(input_policy=policy, output_policy=OutputPolicyExecuteCount(limit=10**9))(
+                function
+            )
+            request = self.scientist.code.request_code_execution(submitted)
         if approval == "auto":
             self.owner.requests.get_by_uid(request.id).approve()
         deadline = time.monotonic() + timeout
