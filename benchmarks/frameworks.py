@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 from common import machine_info, opacus_local_epoch, pyplot, save_figure, save_json  # benchmarks/ is on sys.path
 
-from fl_dp_lightning.aggregation import fedavg
 from fl_dp_lightning.config import ClientConfig, DataConfig
 from fl_dp_lightning.data.datamodule import FederatedDataModule
 from fl_dp_lightning.models import seed_cnn
 from fl_dp_lightning.privacy.accountants import pld_epsilon
+from fl_dp_lightning.server.aggregate import fedavg
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH, LR, NOISE, CLIP, DELTA, SEED = 128, 0.1, 1.2, 1.0, 1e-5, 0

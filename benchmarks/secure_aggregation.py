@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from common import machine_info, save_json  # benchmarks/ is on sys.path when a benchmark runs as a script
 
-from fl_dp_lightning.secure_aggregation import SecureRound
+from fl_dp_lightning.server.secure_sum import SecureRound
 
 PARAMETERS = 26_010
 BITS, SCALE = 48, 2.0**20

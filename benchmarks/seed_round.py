@@ -22,8 +22,8 @@ import torch
 from common import opacus_local_epoch, save_json, timed_fit  # benchmarks/ is on sys.path as a script
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
-from fl_dp_lightning.aggregation import fedavg
 from fl_dp_lightning.data.sources import load_fashion_mnist, load_synthetic
+from fl_dp_lightning.server.aggregate import fedavg
 
 BATCH, LR, NOISE, CLIP, DELTA = 128, 0.1, 1.2, 1.0, 1e-5
 

@@ -41,7 +41,6 @@ from seed_round import BATCH, CLIP, LR, NOISE, plain_opacus_rounds  # benchmarks
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
-from fl_dp_lightning.aggregation import fedavg
 from fl_dp_lightning.config import EngineConfig
 from fl_dp_lightning.data.sources import (
     DEBIAN_FASHION_MNIST,
@@ -50,6 +49,7 @@ from fl_dp_lightning.data.sources import (
     load_fashion_mnist,
     load_synthetic,
 )
+from fl_dp_lightning.server.aggregate import fedavg
 
 SCALE_EXAMPLES, SCALE_BATCH = 60, 30
 BEFORE = EngineConfig(memory_format="preserve")

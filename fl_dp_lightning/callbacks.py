@@ -11,18 +11,16 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from torch.utils.data import TensorDataset
 from torchvision.utils import save_image
 
 from fl_dp_lightning.data.class_counts import class_counts, counts_heatmap, counts_markdown
 from fl_dp_lightning.privacy.report import SHOWN_CLIENTS, format_report, privacy_report
+from fl_dp_lightning.update import FederatedRun
 
 
-def federated_strategy(trainer: pl.Trainer) -> Any:
+def federated_strategy(trainer: pl.Trainer) -> FederatedRun:
     """The trainer's federated strategy; a clear error when another strategy is in use."""
-    from fl_dp_lightning.strategy.federated_dp import FederatedRounds
-
-    if not isinstance(trainer.strategy, FederatedRounds):
+    if not isinstance(trainer.strategy, FederatedRun):
         raise TypeError(f"this callback needs Trainer(strategy=FederatedDPStrategy(...)), got {trainer.strategy}")
     return trainer.strategy
 
@@ -134,13 +132,14 @@ class FederatedLogger(Callback):
                     else f"; record-level {epsilon_text(strategy, bound)} for a client in every round"
                 )
             )
-        for report in strategy.last_round if not strategy.participation_withheld else ():
-            shown = "".join(f"  {k} {v:.4f}" for k, v in report.metrics.items()) + (
-                "  DROPPED" if report.dropped else ""
+        epsilons = strategy.epsilons()
+        for update in strategy.last_round if not strategy.participation_withheld else ():
+            shown = "".join(f"  {k} {v:.4f}" for k, v in update.metrics.items()) + (
+                "  DROPPED" if update.dropped else ""
             )
             rank_zero_info(
-                f"[{report.client}] round {trainer.current_epoch + 1}/{trainer.max_epochs}{shown}  "
-                f"{epsilon_text(strategy, report.epsilon)}"
+                f"[{update.client}] round {trainer.current_epoch + 1}/{trainer.max_epochs}{shown}  "
+                f"{epsilon_text(strategy, epsilons[update.client])}"
             )
         if strategy.user_level is not None:
             rank_zero_info(
@@ -159,22 +158,14 @@ class FederatedLogger(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
                 logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
-        strategy = federated_strategy(trainer)
-        privacy = strategy.privacy
-        no_dp = not privacy.enabled and strategy.user_level is None
-        if trainer.is_global_zero and (no_dp or privacy.unsafe_release_class_counts):
+        if trainer.is_global_zero and federated_strategy(trainer).released_labels() is not None:
             self.log_class_counts(trainer)
 
     def log_class_counts(self, trainer: pl.Trainer) -> None:
         """Each client's records per class: a table (log, ``class_counts.md``, TensorBoard text) and a heat map
         (``class_counts.png``, TensorBoard image) in the run folder."""
-        clients = federated_strategy(trainer).clients
-        labels = {
-            name: c.dataset.tensors[-1]
-            for name, c in clients.items()
-            if isinstance(c.dataset, TensorDataset) and c.dataset.tensors[-1].dim() == 1
-        }
-        if len(labels) < len(clients) or any(y.is_floating_point() for y in labels.values()):
+        labels = federated_strategy(trainer).released_labels()
+        if labels is None or None in labels.values() or any(y.is_floating_point() for y in labels.values()):
             rank_zero_info("Class counts not shown: they need every client's data as a TensorDataset of integer labels")
             return
         counts = class_counts(labels)

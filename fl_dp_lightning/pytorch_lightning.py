@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pytorch_lightning.strategies import SingleDeviceStrategy, StrategyRegistry
 
-from fl_dp_lightning.strategy.federated_dp import FederatedDPStrategy as _Strategy
-from fl_dp_lightning.strategy.federated_dp import SingleDeviceRounds
+from fl_dp_lightning.strategy.single_device import FederatedDPStrategy as _Strategy
+from fl_dp_lightning.strategy.single_device import SingleDeviceRounds
 
 
 class FederatedDPStrategy(SingleDeviceRounds, SingleDeviceStrategy):

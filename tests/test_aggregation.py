@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_dp_lightning.aggregation import RunningAverage, fedavg
+from fl_dp_lightning.server.aggregate import RunningAverage, fedavg
 
 
 def test_unweighted_fedavg_is_the_elementwise_mean():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fl_dp_lightning import ClientConfig, ConfigError, FederatedDataModule, FederatedDPStrategy, PrivacyConfig
-from fl_dp_lightning.strategy.schedule import plan_round
+from fl_dp_lightning.server.plan import plan_round
 
 from .conftest import make_trainer
 from .test_strategy import small_classifier

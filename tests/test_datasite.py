@@ -1,4 +1,4 @@
-"""What runs inside a datasite (fl_dp_lightning.syft_runtime.datasite imports no syft, so this runs everywhere):
+"""What runs inside a datasite (fl_dp_lightning.runtime.syft.datasite imports no syft, so this runs everywhere):
 the approved-round count is spent only where training starts."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 from fl_dp_lightning import LitClassifier, PrivacyConfig
 from fl_dp_lightning.config import ClientOverride, EngineConfig
 from fl_dp_lightning.data.sources import load_synthetic
-from fl_dp_lightning.syft_runtime.clients import module_spec
-from fl_dp_lightning.syft_runtime.datasite import APPROVAL_USED, DatasiteClient
-from fl_dp_lightning.vectorized.engine import SGD_SETTINGS
+from fl_dp_lightning.runtime.syft.clients import module_spec
+from fl_dp_lightning.runtime.syft.datasite import APPROVAL_USED, DatasiteClient
+from fl_dp_lightning.runtime.vectorized.engine import SGD_SETTINGS
 
 
 def terms(module: LitClassifier, approved_rounds: int) -> dict:

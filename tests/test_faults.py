@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrategy, PrivacyConfig, checkpoint, cli
-from fl_dp_lightning.aggregation import RunningAverage, fedavg
+from fl_dp_lightning.server.aggregate import RunningAverage, fedavg
 
 from .conftest import make_trainer
 from .test_strategy import UnawareModule, weights
@@ -95,7 +95,7 @@ class AlwaysFails(UnawareModule):
         super().__init__()
 
     def training_step(self, batch, batch_idx):
-        if self.trainer.training and self.trainer.strategy._client is not None:
+        if self.trainer.training and self.trainer.strategy._loop.client is not None:
             raise ValueError("cannot train on this")
         return super().training_step(batch, batch_idx)
 

@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
 from fl_dp_lightning.privacy.randomness import NOISE_STREAM, SAMPLER_STREAM, client_seed
-from fl_dp_lightning.strategy.sampling import poisson_batches
+from fl_dp_lightning.runtime.sampling import poisson_batches
 
 from .conftest import make_trainer
 from .test_strategy import small_classifier, split, weights

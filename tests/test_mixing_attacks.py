@@ -14,8 +14,9 @@ from torch.utils.data import TensorDataset
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, PrivacyConfig
 from fl_dp_lightning.config import EngineConfig
-from fl_dp_lightning.strategy.client import make_client
-from fl_dp_lightning.vectorized.engine import VectorizedClients
+from fl_dp_lightning.runtime.client import make_client
+from fl_dp_lightning.runtime.vectorized.engine import VectorizedClients
+from fl_dp_lightning.update import RoundRequest
 
 from .conftest import make_trainer
 from .test_strategy import UnawareModule, weights
@@ -154,8 +155,8 @@ def released_sum(module_factory, data, per_example: str) -> dict[str, torch.Tens
     )  # fmt: skip
     start = {n: p.detach().clone() for n, p in module.named_parameters()}
     released = {}
-    for update in clients.train(strategy_clients):
-        released[update.client.name] = torch.cat([(start[n] - p).flatten() for n, p in update.params.items()])
+    for update in clients.train(RoundRequest(1), strategy_clients):
+        released[update.client] = torch.cat([(start[n] - p).flatten() for n, p in update.params.items()])
     return released
 
 

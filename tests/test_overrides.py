@@ -30,7 +30,7 @@ def test_per_client_overrides_reach_each_clients_dp_optimizer_and_accountant(tmp
 
     def begin(self, client):
         real_begin(self, client)
-        self._dp_optimizer._fl_strategy = self
+        self._loop.optimizer._fl_strategy = self
 
     monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", spy)
     monkeypatch.setattr(FederatedDPStrategy, "_begin_client", begin)

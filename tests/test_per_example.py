@@ -18,8 +18,8 @@ from fl_dp_lightning.privacy.per_example import (
     loaded,
     per_example_gradients,
 )
-from fl_dp_lightning.vectorized import engine as engine_module
-from fl_dp_lightning.vectorized.dpsgd import clip_and_sum, clip_and_sum_by_client
+from fl_dp_lightning.runtime.vectorized import engine as engine_module
+from fl_dp_lightning.runtime.vectorized.dpsgd import clip_and_sum, clip_and_sum_by_client
 
 from .conftest import make_trainer
 from .test_vectorized import assert_same_weights, fit
@@ -145,7 +145,7 @@ def test_a_cnn_trains_the_same_rounds_by_rules_by_vmap_and_by_the_opacus_engine(
     rules_module, rules = cnn_fit(
         synthetic, EngineConfig(name="vectorized", per_example="layers", memory_format=memory_format)
     )
-    assert rules._vectorized_clients.rules is not None
+    assert rules._batch_runtime.rules is not None
     # the Opacus engine trained channels-last on CPU cores and gave the module its own layout back
     assert all(p.is_contiguous() for p in opacus_module.parameters())
     assert_same_weights(vmap_module, rules_module)
@@ -174,7 +174,7 @@ def test_a_forward_the_rules_cannot_follow_falls_back_to_vmap_or_is_refused_when
         return module(nn.Sequential(*layers), lr=0.05)
 
     auto_module, auto = fit(synthetic, EngineConfig(name="vectorized"), module=make(), rounds=1)
-    assert auto._vectorized_clients.rules is None
+    assert auto._batch_runtime.rules is None
     vmap_module, _ = fit(synthetic, EngineConfig(name="vectorized", per_example="vmap"), module=make(), rounds=1)
     assert_same_weights(vmap_module, auto_module)
     strategy = FederatedDPStrategy(privacy=SEEDED, engine=EngineConfig(name="vectorized", per_example="layers"))

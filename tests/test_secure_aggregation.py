@@ -14,7 +14,7 @@ import torch
 
 from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrategy, PrivacyConfig
 from fl_dp_lightning.config import SecureAggregationConfig, UserPrivacyConfig
-from fl_dp_lightning.secure_aggregation import (
+from fl_dp_lightning.server.secure_sum import (
     DH_PRIME,
     SecureRound,
     decode,

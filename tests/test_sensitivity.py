@@ -11,7 +11,7 @@ from torch import nn
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
 from fl_dp_lightning.privacy.probe import check_sensitivity, random_batch_like
-from fl_dp_lightning.strategy.sampling import take_batch
+from fl_dp_lightning.runtime.sampling import take_batch
 
 from .conftest import make_trainer
 from .test_strategy import UnawareModule, small_classifier, weights

@@ -12,9 +12,9 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
-from fl_dp_lightning.aggregation import fedavg
 from fl_dp_lightning.privacy.per_example import channels_last
 from fl_dp_lightning.privacy.randomness import client_seed
+from fl_dp_lightning.server.aggregate import fedavg
 
 from .conftest import RecordingLogger, direct_epsilon, make_trainer
 

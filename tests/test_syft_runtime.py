@@ -125,7 +125,7 @@ def test_datasites_asked_in_parallel_never_parse_submitted_code_at_once(monkeypa
 
 @needs_syft
 def test_the_server_reads_only_the_mock_and_the_private_records_stay_in_the_datasite():
-    from fl_dp_lightning.syft_runtime.clients import Datasite
+    from fl_dp_lightning.runtime.syft.clients import Datasite
 
     source = load_synthetic(train_size=50, test_size=10, seed=3)
     site = Datasite("carol", source.train, port=None)
@@ -196,7 +196,7 @@ def test_train_py_runs_through_datasites_and_the_benchmark_compares_the_runtimes
 @needs_syft
 def test_a_round_that_reached_the_datasite_but_did_not_answer_is_counted(monkeypatch):
     # the datasite may have trained: the server's epsilon must not read below what the datasite spent
-    from fl_dp_lightning.syft_runtime.clients import ClientFailure, Datasite
+    from fl_dp_lightning.runtime.syft.clients import ClientFailure, Datasite
 
     def lost(self, request, quote_errors):
         raise ClientFailure(f"datasite {self.name!r} failed: (message withheld: it may quote private data)")
@@ -227,7 +227,7 @@ def test_a_resumed_run_continues_each_datasites_accounting(tmp_path):
 
 @needs_syft
 def test_pysyfts_default_login_is_refused_and_the_scientist_reads_nothing_of_the_private_asset():
-    from fl_dp_lightning.syft_runtime.clients import PYSYFT_DEFAULT_LOGIN, Datasite
+    from fl_dp_lightning.runtime.syft.clients import PYSYFT_DEFAULT_LOGIN, Datasite
 
     source = load_synthetic(train_size=50, test_size=10, seed=3)
     site = Datasite("dave", source.train, port=None)
@@ -259,7 +259,7 @@ class RoundOneProbe:
             def on_train_epoch_end(self, trainer, pl_module):
                 if trainer.current_epoch != 0:
                     return
-                from fl_dp_lightning.syft_runtime import datasite
+                from fl_dp_lightning.runtime.syft import datasite
 
                 probe.registry = len(datasite._SITES)
                 datasite._SITES.clear()

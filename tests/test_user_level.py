@@ -11,7 +11,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrategy, PrivacyConfig
-from fl_dp_lightning.aggregation import RunningAverage
 from fl_dp_lightning.config import UserPrivacyConfig
 from fl_dp_lightning.privacy.report import privacy_report
 from fl_dp_lightning.privacy.user_level import (
@@ -21,7 +20,8 @@ from fl_dp_lightning.privacy.user_level import (
     update_noise_multiplier,
     update_norm,
 )
-from fl_dp_lightning.strategy.user_level import UserLevelDP
+from fl_dp_lightning.server.aggregate import RunningAverage
+from fl_dp_lightning.server.user_level import UserLevelDP
 
 from .conftest import RecordingLogger, direct_epsilon, make_trainer
 from .test_config import composed

@@ -13,10 +13,11 @@ from torch.utils.data import TensorDataset
 
 from fl_dp_lightning import ConfigError, FederatedDataModule, FederatedDPStrategy, LitClassifier, PrivacyConfig
 from fl_dp_lightning.config import ClientOverride, EngineConfig
-from fl_dp_lightning.strategy.client import make_client
-from fl_dp_lightning.strategy.sampling import on_device, take_batch
-from fl_dp_lightning.vectorized.dpsgd import clip_and_sum, sgd_step
-from fl_dp_lightning.vectorized.engine import VectorizedClients, static_width
+from fl_dp_lightning.runtime.client import make_client
+from fl_dp_lightning.runtime.sampling import on_device, take_batch
+from fl_dp_lightning.runtime.vectorized.dpsgd import clip_and_sum, sgd_step
+from fl_dp_lightning.runtime.vectorized.engine import VectorizedClients, static_width
+from fl_dp_lightning.update import RoundRequest
 
 from .conftest import direct_epsilon, make_trainer
 from .test_config import composed
@@ -138,7 +139,7 @@ def test_a_batch_cut_into_padded_slices_gives_the_same_update_as_one_unpadded_ba
     results = []
     for width in (None, 7):  # 7: each Poisson batch (about 32 records) becomes 4-6 padded slices
         engine, client = engine_for(dataset, SEEDED, width=width)
-        (update,) = engine.train([client])
+        (update,) = engine.train(RoundRequest(1, release_metrics=True), [client])
         results.append(update)
     for name, value in results[0].params.items():
         torch.testing.assert_close(results[1].params[name], value, atol=1e-6, rtol=0)
@@ -154,7 +155,7 @@ def test_the_noise_has_standard_deviation_noise_multiplier_times_clip_over_expec
     for noise_seed in (1, 2):
         engine, client = engine_for(dataset, privacy, noise_seed=noise_seed)
         client.steps_per_round = 1
-        (update,) = engine.train([client])
+        (update,) = engine.train(RoundRequest(1), [client])
         runs.append(torch.cat([p.flatten() for p in update.params.values()]))
     lr = engine.optimizer.param_groups[0]["lr"]
     measured = float((runs[0] - runs[1]).std()) / (lr * math.sqrt(2))

@@ -18,7 +18,7 @@ from fl_dp_lightning.config.errors import require
 
 @dataclass
 class EngineConfig:
-    """How each client computes its DP-SGD steps (see :mod:`fl_dp_lightning.vectorized`)."""
+    """How each client computes its DP-SGD steps (see :mod:`fl_dp_lightning.runtime.vectorized`)."""
 
     name: str = "opacus"
     """``opacus``: any LightningModule, its own ``training_step``, client after client (Opacus's hooks; the

@@ -43,7 +43,7 @@ class ServerConfig:
 
 @dataclass
 class SecureAggregationConfig:
-    """Secure aggregation, simulated (see :mod:`fl_dp_lightning.secure_aggregation`): the server sees only the sum."""
+    """Secure aggregation, simulated (see :mod:`fl_dp_lightning.server.secure_sum`): the server sees only the sum."""
 
     enabled: bool = False
     """Mask each client's contribution so that only the round's sum can be decoded."""

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from typing import Any
 
 from fl_dp_lightning.privacy.accountants import ADJACENCY
+from fl_dp_lightning.update import FederatedRun
 
 GUARANTEE = (
     "Record-level (epsilon, delta)-differential privacy for each client's own data set, under replace-one adjacency "
@@ -41,7 +42,7 @@ ALWAYS_NOT_COVERED = (
 )
 
 
-def privacy_report(strategy: Any) -> dict[str, Any]:
+def privacy_report(strategy: FederatedRun) -> dict[str, Any]:
     """Per-client epsilon, the settings behind it, every channel a client released and every weakening opt-in.
 
     Args:
@@ -50,9 +51,9 @@ def privacy_report(strategy: Any) -> dict[str, Any]:
     privacy = strategy.privacy
     withheld = strategy.participation_withheld
     rows = {}
-    for name, client in strategy.clients.items():
+    for name, client in strategy.records().items():
         rows[name] = {
-            "epsilon": strategy.epsilon_of(client),
+            "epsilon": client.epsilon,
             "delta": privacy.delta if privacy.enabled else None,
             "noise_multiplier": client.noise_multiplier if privacy.enabled else None,
             "max_grad_norm": client.max_grad_norm if privacy.enabled else None,

@@ -1,7 +1,6 @@
 """The federated DP strategy and its parts."""
 
-from fl_dp_lightning.strategy.client import ClientReport, ClientState
 from fl_dp_lightning.strategy.distributed import DistributedFederatedDPStrategy
-from fl_dp_lightning.strategy.federated_dp import FederatedDPStrategy
+from fl_dp_lightning.strategy.single_device import FederatedDPStrategy
 
-__all__ = ["ClientReport", "ClientState", "DistributedFederatedDPStrategy", "FederatedDPStrategy"]
+__all__ = ["DistributedFederatedDPStrategy", "FederatedDPStrategy"]

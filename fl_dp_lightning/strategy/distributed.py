@@ -19,10 +19,10 @@ from lightning.pytorch.strategies.ddp import _sync_module_states
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from fl_dp_lightning.aggregation import averaged_keys
 from fl_dp_lightning.config import ConfigError
+from fl_dp_lightning.server.aggregate import averaged_keys
+from fl_dp_lightning.server.plan import RoundPlan
 from fl_dp_lightning.strategy.federated_dp import FederatedRounds
-from fl_dp_lightning.strategy.schedule import RoundPlan
 
 
 class DistributedFederatedDPStrategy(FederatedRounds, DDPStrategy):

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch.utils.data import Dataset
 from torchmetrics import Metric
 
-from fl_dp_lightning.strategy.sampling import take_batch
+from fl_dp_lightning.runtime.sampling import take_batch
 
 
 def evaluate_on(

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fl_dp_lightning.aggregation import averaged_keys, finish_average
 from fl_dp_lightning.config import ConfigError, SecureAggregationConfig
+from fl_dp_lightning.server.aggregate import averaged_keys, finish_average
 
 DH_PRIME = int(
     "FFFFFFFFFFFFFFFFC90FDAA22168C234C4C6628B80DC1CD129024E088A67CC74020BBEA63B139B22514A08798E3404DDEF9519B3CD3A4"
@@ -232,13 +232,13 @@ class SecureRound:
 
 class SecureSum:
     """The round's FedAvg sum through secure aggregation: the interface of
-    :class:`~fl_dp_lightning.aggregation.RunningAverage` (``add``, ``summed``, ``total_weight``, ``result``),
+    :class:`~fl_dp_lightning.server.aggregate.RunningAverage` (``add``, ``summed``, ``total_weight``, ``result``),
     but each client's weighted state enters the server only masked, and the server decodes only the sum.
 
     Args:
         clients: the round's clients, in order (set up before they train; those that never add dropped out).
         template: the global state (keys, shapes, dtypes and device of the result).
-        only: the keys to sum (see :func:`~fl_dp_lightning.aggregation.averaged_keys`).
+        only: the keys to sum (see :func:`~fl_dp_lightning.server.aggregate.averaged_keys`).
         config: bits, scale, threshold and neighbours.
         seed: seeds the public neighbour graph.
     """

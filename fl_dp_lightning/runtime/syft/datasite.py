@@ -1,11 +1,11 @@
 """What runs inside a client's datasite: one client's round, from the terms its owner approved.
 
-The code an owner approves (see :mod:`fl_dp_lightning.syft_runtime.clients`) calls :func:`run_round` with the
+The code an owner approves (see :mod:`fl_dp_lightning.runtime.syft.clients`) calls :func:`run_round` with the
 private records, the server's request for this round (global weights, SGD settings) and the terms written into the
 approved code: the model to rebuild, the client's sampling and privacy settings, the rounds the approval covers.
 Everything that makes the guarantee (noise, clip norm, sample rate, steps per round, the accountant, the random
 streams) comes from those terms or lives here; the server's request cannot change it. The round itself is the
-vectorized engine's client round (:class:`~fl_dp_lightning.vectorized.engine.VectorizedClients`), the same code
+vectorized engine's client round (:class:`~fl_dp_lightning.runtime.vectorized.engine.VectorizedClients`), the same code
 as the local runtime's ``engine=vectorized``. Only the new weights, the record count and the privacy spent go back.
 
 This module imports no syft: a datasite runs it in its own Python, which needs fl_dp_lightning installed.
@@ -22,8 +22,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fl_dp_lightning.config import ClientOverride, EngineConfig, PrivacyConfig
-from fl_dp_lightning.strategy.client import ClientState, make_client
-from fl_dp_lightning.vectorized.engine import VectorizedClients
+from fl_dp_lightning.runtime.client import ClientState, make_client
+from fl_dp_lightning.runtime.vectorized.engine import VectorizedClients
+from fl_dp_lightning.update import RoundRequest
 
 _SITES: dict[tuple[str, str], DatasiteClient] = {}
 """Each run's client state in this datasite's process, by (session, client): it outlives a round, never leaves."""
@@ -90,18 +91,18 @@ class DatasiteClient:
         self.module.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in request["weights"].items()})
         for group, settings in zip(self.optimizer.param_groups, request["sgd"]):
             group.update(settings)  # lr, momentum, ...: the server's schedule; none of them affects privacy
-        mu = float(request["proximal_mu"])
+        asked = RoundRequest(int(request["round"]), float(request["proximal_mu"]), bool(terms["release_metrics"]))
         # the round counts against the approval from here, where training (and spending privacy) starts: a request
         # that fails before it (weights that do not fit, bad settings) uses nothing up
         self.rounds_run[approval] = self.rounds_run.get(approval, 0) + 1
-        update = next(self.engine.train([client], mu))
+        update = next(self.engine.train(asked, [client]))
         return {
             "params": {name: value.detach().cpu().numpy() for name, value in update.params.items()},
             "num_examples": client.num_examples,
             "epsilon": client.epsilon(self.privacy.delta),
             "history": [] if client.accountant is None else [list(entry) for entry in client.accountant.history],
             "steps_taken": client.steps_taken,
-            "metrics": update.metrics if terms["release_metrics"] else {},
+            "metrics": update.metrics,
         }
 
 
@@ -109,7 +110,7 @@ def run_round(records: dict[str, Any], request: dict[str, Any], terms: dict[str,
     """The approved code's body: this run's client in this datasite (built on its first round) trains a round.
 
     PySyft runs approved code twice, on the private asset and on its mock; the mock (marked ``"mock": True`` by
-    :class:`~fl_dp_lightning.syft_runtime.clients.Datasite`) trains nothing, so it spends no privacy and leaves the
+    :class:`~fl_dp_lightning.runtime.syft.clients.Datasite`) trains nothing, so it spends no privacy and leaves the
     client's streams and accountant as they are.
     """
     if records.get("mock"):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -45,15 +45,16 @@ from fl_dp_lightning.privacy.per_example import (
     per_example_gradients,
 )
 from fl_dp_lightning.privacy.probe import ATOL, RTOL, changed_attributes, probe_sizes, tensor_attributes
-from fl_dp_lightning.strategy.client import ClientState
-from fl_dp_lightning.strategy.sampling import same_format
-from fl_dp_lightning.vectorized.dpsgd import (
+from fl_dp_lightning.runtime.client import ClientState
+from fl_dp_lightning.runtime.sampling import same_format
+from fl_dp_lightning.runtime.vectorized.dpsgd import (
     CLASSIFICATION_LOSSES,
     LOSSES,
     clip_and_sum,
     clip_and_sum_by_client,
     sgd_step,
 )
+from fl_dp_lightning.update import ClientUpdate, RoundRequest
 
 SGD_SETTINGS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
 CPU_MEMORY_BUDGET = 2 * 2**30
@@ -64,17 +65,6 @@ SHARED_PASS = 1024
 """Records per pass, at most, when the clients of a chunk share their weights (a round's first step)."""
 POISSON_SPREAD = 4
 """Static width of a compiled Poisson batch: the expected size plus this many standard deviations."""
-
-
-@dataclass
-class ClientUpdate:
-    """A client's weights after its round (parameters only) and its training metrics; or, when its round failed
-    (a client runtime that can fail: PySyft datasites), no weights and why."""
-
-    client: ClientState
-    params: dict[str, Tensor]
-    metrics: dict[str, float]
-    failure: str | None = None
 
 
 def check_vectorizable(
@@ -345,13 +335,14 @@ class VectorizedClients:
         numel = sum(p.numel() for n, p in self.module.named_parameters() if n in self.trained)
         return int(budget // (ACTIVATION_FACTOR * 4 * numel))
 
-    def train(self, clients: Sequence[ClientState], proximal_mu: float = 0.0) -> Iterator[ClientUpdate]:
+    def train(self, request: RoundRequest, clients: Sequence[ClientState]) -> Iterator[ClientUpdate]:
         """Each client's round from the module's current (global) weights, chunk after chunk."""
         size = self.chunk_size(clients)
         for start in range(0, len(clients), size):
-            yield from self._train_chunk(list(clients[start : start + size]), proximal_mu)
+            yield from self._train_chunk(list(clients[start : start + size]), request)
 
-    def _train_chunk(self, chunk: list[ClientState], proximal_mu: float) -> Iterator[ClientUpdate]:
+    def _train_chunk(self, chunk: list[ClientState], request: RoundRequest) -> Iterator[ClientUpdate]:
+        proximal_mu = request.proximal_mu
         count = len(chunk)
         params, frozen = self._start_weights(count)
         initial = {n: p[0] for n, p in params.items()}
@@ -385,11 +376,14 @@ class VectorizedClients:
                     if client.accountant is not None:
                         client.accountant.step(noise_multiplier=client.noise_multiplier, sample_rate=client.sample_rate)
         for c, client in enumerate(chunk):
-            seen = float(records[c])
+            seen = float(records[c]) if request.release_metrics else 0.0
             metrics = {"loss": float(loss_sums[c]) / seen} if seen else {}
             if seen and self.classification:
                 metrics["acc"] = float(correct_sums[c]) / seen
-            yield ClientUpdate(client, {n: p[c] for n, p in params.items()}, metrics)
+            trained = {n: p[c] for n, p in params.items()}
+            yield ClientUpdate(
+                client.name, request.round, trained, client.num_examples, client.steps_per_round, metrics
+            )
 
     def _sums(
         self,

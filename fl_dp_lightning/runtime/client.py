@@ -1,4 +1,4 @@
-"""A client's lasting state and the update it hands to the server after a round.
+"""A client's lasting state: its records, sampling settings, secret random streams and accountant.
 
 A client keeps only what must outlive a round: its accountant and its random streams. Weights and the
 optimizer are rebuilt from the global model every round, so a thousand clients cost a thousand small
@@ -9,7 +9,7 @@ a checkpoint carries their state only under ``privacy.unsafe_seeded_randomness``
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,27 +19,8 @@ from torch.utils.data import Dataset
 from fl_dp_lightning.config import ClientOverride, ConfigError, PrivacyConfig
 from fl_dp_lightning.privacy.accountants import epsilon_of_history, epsilon_spent, make_accountant
 from fl_dp_lightning.privacy.randomness import NOISE_STREAM, SAMPLER_STREAM, stream_generator
-from fl_dp_lightning.strategy.sampling import poisson_batches, poisson_steps_per_epoch, shuffled_batches
-
-
-@dataclass
-class ClientReport:
-    """What one client's round reports besides its weights (which go straight into the running FedAvg).
-
-    Attributes:
-        client: the client's name.
-        num_examples: its training-set size (the FedAvg weight).
-        epsilon: its total privacy spent so far (``None`` without privacy).
-        metrics: means over its steps of the scalars its ``training_step`` returned (e.g. loss); released only
-            under ``privacy.unsafe_release_training_metrics`` (they are not noised), else empty.
-    """
-
-    client: str
-    num_examples: int
-    epsilon: float | None
-    metrics: dict[str, float] = field(default_factory=dict)
-    dropped: bool = False
-    """Whether the client failed in this round (its update was left out of the average)."""
+from fl_dp_lightning.runtime.sampling import poisson_batches, poisson_steps_per_epoch, shuffled_batches
+from fl_dp_lightning.update import ClientRecord
 
 
 @dataclass
@@ -91,6 +72,22 @@ class ClientState:
         steps = rounds * self.steps_per_round
         history = [(self.noise_multiplier, self.sample_rate, steps)] if steps else []
         return epsilon_of_history(type(self.accountant), history, delta)
+
+    def record(self, epsilon: float | None) -> ClientRecord:
+        """The server's public view of this client, with its released ``epsilon``."""
+        history = () if self.accountant is None else tuple(tuple(entry) for entry in self.accountant.history)
+        return ClientRecord(
+            name=self.name,
+            num_examples=self.num_examples,
+            batch_size=self.batch_size,
+            local_epochs=self.local_epochs,
+            sample_rate=self.sample_rate,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            history=history,
+            steps_taken=self.steps_taken,
+            epsilon=epsilon,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must carry to continue this client exactly."""

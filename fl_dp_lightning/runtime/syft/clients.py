@@ -2,7 +2,7 @@
 
 Each client becomes a PySyft 0.9.5 datasite that holds its records as a private asset, with a mock of random
 data of the same shape beside it. The server logs in as a data scientist and asks each owner to approve one
-function: code that calls :func:`fl_dp_lightning.syft_runtime.datasite.run_round` with the terms written into it
+function: code that calls :func:`fl_dp_lightning.runtime.syft.datasite.run_round` with the terms written into it
 (model, sampling, noise, clip norm, accountant, the rounds the approval covers, the epsilon it may reach). Once it
 is approved, every round sends the global weights and SGD settings as a request object, runs the approved code on
 the private asset and reads back the reply: new weights, record count, epsilon and the accountant's history (the
@@ -42,9 +42,10 @@ from torch.optim import Optimizer
 from torch.utils.data import TensorDataset
 
 from fl_dp_lightning.config import ClientOverride, ConfigError, EngineConfig, PrivacyConfig, SyftConfig
-from fl_dp_lightning.strategy.client import ClientState
-from fl_dp_lightning.syft_runtime.datasite import APPROVAL_USED, build_module
-from fl_dp_lightning.vectorized.engine import SGD_SETTINGS, ClientUpdate
+from fl_dp_lightning.runtime.client import ClientState
+from fl_dp_lightning.runtime.syft.datasite import APPROVAL_USED, build_module
+from fl_dp_lightning.runtime.vectorized.engine import SGD_SETTINGS
+from fl_dp_lightning.update import ClientUpdate, RoundRequest
 
 PYSYFT_DEFAULT_LOGIN = ("info@openmined.org", "changethis")
 """PySyft's root login of a new datasite: replaced by the owner's own secrets before anything is uploaded."""
@@ -56,7 +57,7 @@ _SUBMISSION = threading.Lock()
 """Objects PySyft keeps out of its blob store (MB): all of them (set only when the environment does not say)."""
 APPROVED_CODE = '''def {name}(records, request):
     """fl_dp_lightning: one DP-SGD round of client {client!r} on these records, under the terms below."""
-    from fl_dp_lightning.syft_runtime.datasite import run_round
+    from fl_dp_lightning.runtime.syft.datasite import run_round
 
     return run_round(records, request, terms={terms})
 '''
@@ -223,7 +224,7 @@ class SyftClients:
         clients: each client's state on the server (a mirror: the datasite keeps the real one).
         engine, privacy: as for the local vectorized engine.
         config: the datasites (ports, approval, approved rounds, timeout).
-        batch_size, local_epochs, overrides, seed: what :func:`~fl_dp_lightning.strategy.client.make_client` gets.
+        batch_size, local_epochs, overrides, seed: what :func:`~fl_dp_lightning.runtime.client.make_client` gets.
         release_outputs: whether training metrics and error messages computed from the records may come back
             (no DP at all, or the unsafe opt-in).
     """
@@ -322,13 +323,14 @@ class SyftClients:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def train(self, clients: Sequence[ClientState], proximal_mu: float = 0.0) -> Iterator[ClientUpdate]:
+    def train(self, asked: RoundRequest, clients: Sequence[ClientState]) -> Iterator[ClientUpdate]:
         """Each client's round in its datasite, from the module's current (global) weights."""
         state = self.module.state_dict()
         request = {
             "weights": {name: value.detach().cpu().numpy() for name, value in state.items()},
             "sgd": [{k: g[k] for k in SGD_SETTINGS} for g in self.optimizer.param_groups],
-            "proximal_mu": proximal_mu,
+            "proximal_mu": asked.proximal_mu,
+            "round": asked.round,
         }
         trained = {name for group in self.groups for name in group}
         self.started = set()
@@ -338,11 +340,15 @@ class SyftClients:
             except ClientFailure as err:
                 if client.name in self.started:
                     self._count_unconfirmed(client)
-                yield ClientUpdate(client, {}, {}, failure=str(err))
+                yield ClientUpdate(client.name, asked.round, None, client.num_examples, 0, failure=str(err))
                 continue
+            steps = client.steps_taken
             self._mirror(client, reply)
             params = {n: torch.as_tensor(np.asarray(v)) for n, v in reply["params"].items() if n in trained}
-            yield ClientUpdate(client, params, dict(reply["metrics"]))
+            metrics = dict(reply["metrics"]) if asked.release_metrics else {}
+            yield ClientUpdate(
+                client.name, asked.round, params, client.num_examples, client.steps_taken - steps, metrics
+            )
 
     @staticmethod
     def _count_unconfirmed(client: ClientState) -> None:
