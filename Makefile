@@ -8,7 +8,7 @@ SYFT_VENV ?= .venv-syft
 SYFT_PY := $(SYFT_VENV)/bin/python
 SYFT_STAMP := $(SYFT_VENV)/.installed-stamp
 
-.PHONY: train test syft-test bench bench-gpu bench-quick privacy-utility lint
+.PHONY: train test syft-test docs bench bench-gpu bench-quick privacy-utility lint
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,14 @@ $(SYFT_STAMP): pyproject.toml
 
 syft-test: $(SYFT_STAMP)  ## clients as PySyft datasites, in their own venv (syft 0.9.5 pins numpy 1.24.4)
 	$(SYFT_PY) -m pytest -q -p no:cacheprovider tests/test_syft_runtime.py
+
+DOCS_STAMP := $(VENV)/.docs-stamp
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)  ## the documentation site (docs/ -> site/), warnings are errors
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) benchmarks/seed_round.py

@@ -190,3 +190,16 @@ def test_a_first_step_cut_into_small_passes_across_clients_trains_the_same(synth
     monkeypatch.setattr(engine_module, "SHARED_PASS", 5)
     cut, _ = fit(synthetic, EngineConfig(name="vectorized"), rounds=1)
     assert_same_weights(whole, cut)
+
+
+@pytest.mark.parametrize("secure_mode", [False, True])
+def test_the_vectorized_engines_noise_is_opacus_noise_from_the_same_stream(secure_mode):
+    from opacus.optimizers.optimizer import _generate_noise
+
+    from fl_dp_lightning.runtime.vectorized.dpsgd import gaussian_noise
+
+    like = torch.zeros(3, 5)
+    ours = gaussian_noise(0.7, like, torch.Generator().manual_seed(4), secure_mode)
+    theirs = _generate_noise(0.7, like, torch.Generator().manual_seed(4), secure_mode)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert float(ours.std()) > 0.2

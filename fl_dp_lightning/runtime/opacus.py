@@ -10,9 +10,10 @@ metrics are kept only where the privacy rules release them.
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ class OpacusRuntime:
         self._metric_sums: dict[str, Tensor] = {}
         self._metric_steps = 0
         self._steps = 0
+        self._schedule: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
 
     def make_private(self, module: nn.Module, optimizer: Optimizer) -> DPOptimizer:
         """Wraps ``module`` for per-sample gradients and ``optimizer`` for clipping and noise; refuses layers
@@ -75,9 +77,12 @@ class OpacusRuntime:
             loss_reduction=self.privacy.loss_reduction,
             secure_mode=self.privacy.secure_mode,
         )
-        # the summed, unclipped gradient must not outlive backward (Opacus uses the per-example ones)
+        # the summed, unclipped gradient must not outlive backward (Opacus uses the per-example ones), unless the
+        # privacy rules release training outputs (privacy.unsafe_release_training_metrics)
         self._grad_hooks = [
-            p.register_post_accumulate_grad_hook(self._drop_grad) for p in module.parameters() if p.requires_grad
+            p.register_post_accumulate_grad_hook(self._drop_grad)
+            for p in module.parameters()
+            if p.requires_grad and not self.release_metrics
         ]
         return self.optimizer
 
@@ -108,9 +113,26 @@ class OpacusRuntime:
         finally:
             self._probing = False
 
-    def begin(self, client: ClientState, after_noise: Callable[[], None]) -> None:
-        """Starts ``client``'s round: its noise stream, clip, expected batch and accountant; ``after_noise`` runs
-        after clipping and noise, before each update (FedProx's term: it costs no privacy)."""
+    def start_round(self, optimizer: Optimizer, schedulers: Sequence[Any]) -> None:
+        """Keeps the optimizer's hyperparameters (learning rate, momentum, ...) and every LR scheduler's state at
+        the round's start, where each of the round's clients begins."""
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        self._schedule = groups, [copy.deepcopy(c.scheduler.state_dict()) for c in schedulers]
+
+    def begin(
+        self, client: ClientState, optimizer: Optimizer, schedulers: Sequence[Any], after_noise: Callable[[], None]
+    ) -> None:
+        """Starts ``client``'s round: a fresh optimizer at the round's point of the LR schedule, and its noise
+        stream, clip, expected batch and accountant; ``after_noise`` runs after clipping and noise, before each
+        update (FedProx's term: it costs no privacy)."""
+        optimizer.state.clear()  # a client starts a round with a fresh optimizer, as in FedAvg
+        # per-step schedulers would otherwise run on across the round's clients in sequence (the schedule continues
+        # from where the round's last client leaves it)
+        groups, states = self._schedule
+        for group, saved in zip(optimizer.param_groups, groups):
+            group.update(saved)
+        for config, saved in zip(schedulers, states):
+            config.scheduler.load_state_dict(copy.deepcopy(saved))  # the scheduler adopts the dict's objects
         if self.optimizer is not None:
             self.optimizer.noise_multiplier = client.noise_multiplier
             self.optimizer.max_grad_norm = client.max_grad_norm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,3 +75,10 @@ def plan_round(
         picked = sorted(torch.randperm(len(names), generator=gen)[: clients_per_round(len(names), fraction)].tolist())
         chosen = [names[i] for i in picked]
     return RoundPlan(round_idx, tuple((name, steps[name]) for name in chosen))
+
+
+def over_budget(plan: RoundPlan, clients: Mapping[str, Any], delta: float, budget: float) -> dict[str, float]:
+    """The planned clients whose epsilon at ``delta`` would pass ``budget`` after this round's steps, with that
+    epsilon (each client's ``epsilon_after(steps, delta)``)."""
+    after = {name: clients[name].epsilon_after(steps, delta) for name, steps in plan.segments}
+    return {name: eps for name, eps in after.items() if eps > budget}

@@ -13,10 +13,9 @@ Under DP nothing computed from a client's records leaves it except its noised mo
 
 from __future__ import annotations
 
-import copy
 import secrets
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from itertools import islice
 from typing import Any
 
@@ -26,7 +25,6 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
-from torch.utils.data import TensorDataset
 from typing_extensions import override
 
 from fl_dp_lightning.callbacks import FederatedLogger
@@ -41,33 +39,30 @@ from fl_dp_lightning.config import (
     SyftConfig,
     UserPrivacyConfig,
 )
-from fl_dp_lightning.data.datamodule import ClientDatasets, FederatedDataModule, RecordCount
-from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
-from fl_dp_lightning.privacy.layers import fix_layers
+from fl_dp_lightning.data.datamodule import ClientDatasets
 from fl_dp_lightning.privacy.per_example import channels_last
-from fl_dp_lightning.privacy.probe import probe_sizes, random_batch_like
 from fl_dp_lightning.runtime.client import ClientState, make_client
-from fl_dp_lightning.runtime.evaluation import evaluate_on
 from fl_dp_lightning.runtime.opacus import OpacusRuntime
-from fl_dp_lightning.runtime.sampling import on_device, same_format, take_batch
+from fl_dp_lightning.runtime.sampling import on_device, take_batch
 from fl_dp_lightning.runtime.syft.clients import SyftClients, import_syft
-from fl_dp_lightning.runtime.vectorized.engine import VectorizedClients, check_vectorizable
-from fl_dp_lightning.server.plan import RoundPlan, clients_per_round, plan_round
-from fl_dp_lightning.server.round import Aggregate, add_update, finish_round, open_aggregate
-from fl_dp_lightning.server.secure_sum import WEIGHT_HEADROOM, check_capacity
+from fl_dp_lightning.runtime.vectorized.engine import VectorizedClients
+from fl_dp_lightning.server.plan import RoundPlan, clients_per_round, over_budget, plan_round
+from fl_dp_lightning.server.round import Aggregate, open_aggregate
 from fl_dp_lightning.server.user_level import UserLevelDP
+from fl_dp_lightning.strategy.building import RunParts
 from fl_dp_lightning.strategy.checks import (
     check_finite_epsilon,
     check_options,
     check_syft,
     check_trainer,
-    check_user_delta,
 )
+from fl_dp_lightning.strategy.release import ReleaseRules
 from fl_dp_lightning.strategy.resume import ResumableRounds
-from fl_dp_lightning.update import ClientRecord, ClientUpdate, RoundRequest
+from fl_dp_lightning.strategy.server_side import ServerSide
+from fl_dp_lightning.update import ClientUpdate, RoundRequest
 
 
-class FederatedRounds(ResumableRounds):
+class FederatedRounds(ServerSide, ReleaseRules, RunParts, ResumableRounds):
     """The round logic shared by the single-process and the multi-process strategies (a mixin placed before a
     Lightning strategy). The multi-process strategy overrides the three extension points below."""
 
@@ -148,7 +143,6 @@ class FederatedRounds(ResumableRounds):
         self._batch_idx = -1
         self._empty_batch = False
         self._padding = False
-        self._round_schedule: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
         self._relaid: list[Tensor] = []
         self.withheld_logs: set[str] = set()
         self.planned_rounds: int | None = None
@@ -202,31 +196,6 @@ class FederatedRounds(ResumableRounds):
             self._withhold_logs()
         if self.log_rounds and not any(isinstance(cb, FederatedLogger) for cb in trainer.callbacks):
             trainer.callbacks.append(FederatedLogger())
-
-    def _fix_modules(self) -> None:
-        """Replaces the layers DP-SGD cannot train, in place (see :mod:`fl_dp_lightning.privacy.layers`)."""
-        changes = fix_layers(self.lightning_module, self.privacy.fix_norm)
-        if any(change.startswith("replaced") for change in changes):
-            warnings.warn(
-                "privacy.fix_modules changed the model: " + "; ".join(changes) + ". Compare its accuracy without DP "
-                "(privacy=none) and try privacy.fix_norm=auto|groupnorm|layernorm|identity",
-                stacklevel=2,
-            )
-        for change in changes:
-            rank_zero_info(f"privacy.fix_modules: {change}")
-
-    def _withhold_logs(self) -> None:
-        """Keeps the module's training-stage ``self.log`` calls in: they are computed from a client's records."""
-        module = self.lightning_module
-        release = module.log
-
-        def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-            if module.trainer.training:
-                self.withheld_logs.add(name)  # computed from a client's records without noise
-                return
-            release(name, value, *args, **kwargs)
-
-        module.log = log  # log_dict goes through it too
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
@@ -291,134 +260,6 @@ class FederatedRounds(ResumableRounds):
         """Whether the round's clients train at once (``engine=vectorized``) instead of one after the other."""
         return self.engine.name == "vectorized"
 
-    def _check_vectorizable(self, data: ClientDatasets) -> None:
-        trainer = self.lightning_module.trainer
-        step_schedules = sum(1 for c in trainer.lr_scheduler_configs if c.interval == "step")
-        check_vectorizable(
-            self.lightning_module, self.optimizers[0], step_schedules, data.datasets, str(trainer.precision)
-        )
-
-    def _make_vectorized(self, data: ClientDatasets) -> VectorizedClients:
-        self._check_vectorizable(data)
-        return VectorizedClients(
-            self.lightning_module,
-            self.optimizers[0],
-            data.datasets,
-            list(self.clients.values()),
-            engine=self.engine,
-            privacy=self.privacy,
-            device=self.root_device,
-            public=data.public if isinstance(data.public, TensorDataset) else None,
-        )
-
-    def _make_syft(self, data: ClientDatasets) -> SyftClients:
-        self._check_vectorizable(data)
-        check_syft(vectorized=True, secure_aggregation=self.secure_aggregation, holdouts=bool(self.holdouts))
-        clients = SyftClients(
-            self.lightning_module,
-            self.optimizers[0],
-            data.datasets,
-            list(self.clients.values()),
-            engine=self.engine,
-            privacy=self.privacy,
-            config=self.syft,
-            batch_size=data.batch_size,
-            local_epochs=self.local_epochs,
-            overrides=self.client_overrides,
-            seed=self.seed,
-            release_outputs=self.releases_client_outputs,
-        )
-        if self.syft.port is None:
-            warnings.warn(
-                "client.runtime=syft with client.syft.port=null runs every datasite inside this process: a "
-                "simulation with no isolation (this process can read every record and any datasite's state); set "
-                "client.syft.port for datasites in their own processes",
-                stacklevel=2,
-            )
-        else:  # the records now live in the datasites' processes: this one keeps their counts only
-            for client in self.clients.values():
-                client.dataset = RecordCount(client.num_examples)
-            data.hand_over_records()
-            datamodule = self.lightning_module.trainer.datamodule
-            if isinstance(datamodule, FederatedDataModule):
-                datamodule.hand_over_records()
-        return clients
-
-    def _make_user_level(self) -> UserLevelDP:
-        check_user_delta(self.user_privacy, len(self.clients))
-        poisson = self.client_sampling == "poisson"
-        user_level = UserLevelDP(
-            self.user_privacy,
-            sample_rate=self.client_fraction if poisson else 1.0,
-            num_clients=len(self.clients),
-            seeded=self.privacy.unsafe_seeded_randomness,
-            seed=self.seed,
-            device=self.root_device,
-        )
-        if self.user_privacy.target_epsilon is not None and self._restored is None:
-            rounds = self._finite_rounds("user_privacy.target_epsilon")
-            sigma = user_level.calibrate(rounds)
-            rank_zero_info(
-                f"user_privacy.target_epsilon={self.user_privacy.target_epsilon} over {rounds} rounds: server noise "
-                f"multiplier {sigma:.4f} (replaces user_privacy.noise_multiplier={self.user_privacy.noise_multiplier})"
-            )
-        return user_level
-
-    def _finite_rounds(self, key: str) -> int:
-        rounds = self.lightning_module.trainer.max_epochs
-        if rounds is None or rounds < 1:
-            raise ConfigError(f"{key} needs a finite number of rounds: set Trainer(max_epochs=...)")
-        return rounds
-
-    def _probe_sensitivity(self, data: ClientDatasets) -> None:
-        """Refuses, before any step, modules whose per-example gradients would not bound a record's influence."""
-        module = self.lightning_module
-        guard = module.__dict__.get("log")
-        module.log = _no_log  # the probe's records are nobody's metrics
-        try:
-            sizes = probe_sizes([c.batch_size for c in self.clients.values()])
-            self._loop.probe(module, self._probe_batches(data), sizes)
-        finally:
-            if guard is None:
-                del module.log
-            else:
-                module.log = guard
-
-    def _probe_batches(self, data: ClientDatasets) -> Callable[[int], Any]:
-        """The probe's batches of a given size: records of the public set where it has the clients' format (their
-        scale and classes), else random records shaped like a client's (no client record is read)."""
-        template = take_batch(next(iter(data.datasets.values())), [])  # structure only: zero records
-        public = data.public if data.public is not None and same_format(data.public, template) else None
-        generator = torch.Generator().manual_seed(0)
-
-        def batch(size: int) -> Any:
-            if public is not None:
-                drawn = take_batch(public, torch.randint(len(public), (size,), generator=generator).tolist())
-            else:
-                drawn = random_batch_like(template, size, generator, data.num_classes)
-            return self.batch_to_device(drawn)
-
-        return batch
-
-    def _calibrate_noise(self) -> None:
-        """Sets each client's noise multiplier so that all planned rounds spend ``privacy.target_epsilon``."""
-        rounds = self.planned_rounds = self._finite_rounds("privacy.target_epsilon")
-        chosen = {}
-        for client in self.clients.values():
-            client.noise_multiplier = calibrate_noise_multiplier(
-                target_epsilon=self.privacy.target_epsilon,
-                delta=self.privacy.delta,
-                sample_rate=client.sample_rate,
-                steps=rounds * client.steps_per_round,
-                accountant=self.privacy.accountant,
-                conversion=self.privacy.rdp_conversion,
-            )
-            chosen[client.name] = round(client.noise_multiplier, 4)
-        rank_zero_info(
-            f"privacy.target_epsilon={self.privacy.target_epsilon} over {rounds} rounds: calibrated noise multipliers "
-            f"{chosen} (these replace privacy.noise_multiplier={self.privacy.noise_multiplier})"
-        )
-
     # ------------------------------------------------------------ one round
 
     def _full_plan(self, round_idx: int) -> RoundPlan:
@@ -480,7 +321,8 @@ class FederatedRounds(ResumableRounds):
             rank_zero_info(f"round {round_no}: no client was sampled; the global model stays as it is")
             return self._plan
         self._global_state = {k: v.detach().clone() for k, v in self.lightning_module.state_dict().items()}
-        self._round_schedule = self._schedule_state()
+        if self._loop is not None:
+            self._loop.start_round(self.optimizers[0], trainer.lr_scheduler_configs)
         # under DP only parameters leave a client: buffers keep their global values
         private = self.privacy.enabled or self.user_level is not None
         params = {name for name, _ in self.lightning_module.named_parameters()} if private else None
@@ -491,39 +333,12 @@ class FederatedRounds(ResumableRounds):
         self._average = open_aggregate(self._global_state, params, clients, self.secure_aggregation, seed)
         return self._plan
 
-    def _check_secure_capacity(self, count: int) -> None:
-        """Refuses, before the round's clients train, a modulus their contributions could overflow, from public
-        bounds: the clip under user-level DP (each clipped update's coordinates), else the largest record count
-        times the global model's largest weight with :data:`WEIGHT_HEADROOM`."""
-        config = self.secure_aggregation
-        if self.user_level is not None:
-            largest, bound = self.user_level.clip, "the user-level clip"
-        else:
-            examples = max(c.num_examples for c in self.clients.values())
-            weight = max(float(self._global_state[n].abs().max()) for n, _ in self.lightning_module.named_parameters())
-            largest = examples * max(1.0, weight) * WEIGHT_HEADROOM
-            bound = f"{examples} records times {WEIGHT_HEADROOM:g} x the global model's largest weight"
-        check_capacity(largest, bits=config.bits, scale=config.scale, clients=max(1, count), bound=bound)
-
-    def _end_empty_round(self) -> None:
-        """A round no client took part in (Poisson client sampling): under user-level DP the server still releases
-        a noised (empty) sum and accounts the round, whatever the engine; otherwise the model stays as it is."""
-        if self.user_level is not None:
-            self._end_round()
-        else:
-            self.rounds_run += 1
-            self._plan = None
-
     def _within_budget(self, plan: RoundPlan) -> RoundPlan:
         """Leaves out the clients whose epsilon would pass ``privacy.max_epsilon`` in this round."""
         budget = self.privacy.max_epsilon
         if not self.privacy.enabled or budget is None:
             return plan
-        over = {}
-        for name, steps in plan.segments:
-            eps = self.clients[name].epsilon_after(steps, self.privacy.delta)
-            if eps > budget:
-                over[name] = eps
+        over = over_budget(plan, self.clients, self.privacy.delta, budget)
         # who sits out (and how many) follows from who took part before: kept in where participation is withheld
         for name, eps in over.items() if not self.participation_withheld else ():
             rank_zero_info(
@@ -557,26 +372,10 @@ class FederatedRounds(ResumableRounds):
         self._padding = self._padding or loop.failed
         self._empty_batch = extract_batch_size(batch) == 0 or loop.failed
 
-    def _schedule_state(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The optimizer's hyperparameters (learning rate, momentum...) and every LR scheduler's state."""
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizers[0].param_groups]
-        schedulers = [
-            copy.deepcopy(c.scheduler.state_dict()) for c in self.lightning_module.trainer.lr_scheduler_configs
-        ]
-        return groups, schedulers
-
     def _begin_client(self, client: ClientState) -> None:
         self.lightning_module.load_state_dict(self._global_state)
-        optimizer = self.optimizers[0]
-        optimizer.state.clear()  # a client starts a round with a fresh optimizer, as in FedAvg
-        # ... and at the round's point of the LR schedule: per-step schedulers would otherwise run on across the
-        # round's clients in sequence (the schedule continues from where the round's last client leaves it)
-        groups, schedulers = self._round_schedule
-        for group, saved in zip(optimizer.param_groups, groups):
-            group.update(saved)
-        for config, saved in zip(self.lightning_module.trainer.lr_scheduler_configs, schedulers):
-            config.scheduler.load_state_dict(copy.deepcopy(saved))  # the scheduler adopts the dict's objects
-        self._loop.begin(client, after_noise=self._add_proximal_gradient)
+        schedulers = self.lightning_module.trainer.lr_scheduler_configs
+        self._loop.begin(client, self.optimizers[0], schedulers, after_noise=self._add_proximal_gradient)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -653,114 +452,6 @@ class FederatedRounds(ResumableRounds):
             if param.grad is not None:
                 param.grad.add_(param.detach() - self._global_state[name], alpha=self.proximal_mu)
 
-    def _end_client(self) -> None:
-        self._add_update(self._loop.end(self.round_index + 1, self.lightning_module.state_dict()))
-
-    def _add_update(self, update: ClientUpdate) -> None:
-        """The server's side of a client's update: a failure is recorded (the privacy the client spent stays
-        counted), trained weights are checked and added to the round's aggregate."""
-        if update.failure is not None:
-            self.faults.append({"round": update.round, "client": update.client, "reason": update.failure})
-            who = "a client" if self.participation_withheld else f"client {update.client!r}"
-            rank_zero_info(
-                f"round {update.round}: {who} is dropped from this round ({update.failure}); the round averages the "
-                "others, and the privacy it spent so far stays counted"
-            )
-            self.last_round.append(update)
-            return
-        # the client's released (noised) weights: checking them is post-processing, it costs no privacy
-        if not all(torch.isfinite(update.params[name]).all() for name, _ in self.lightning_module.named_parameters()):
-            raise ConfigError(
-                f"client {update.client!r} ended round {update.round} with "
-                "non-finite weights (the training diverged): lower the learning rate (model.lr) or check the data"
-            )
-        self.updates_added += 1
-        add_update(self._average, update, self._global_state, self.user_level)
-        self.last_round.append(update.averaged())
-
-    def _end_round(self) -> None:
-        self.rounds_trained += 1
-        self.rounds_run += 1
-        self._combine_round()
-        state, self.server_state = finish_round(
-            self._global_state,
-            self._average,
-            user_level=self.user_level,
-            server=self.server,
-            server_state=self.server_state,
-        )
-        if state is None:
-            rank_zero_info("no client finished this round: the global model stays as it is")
-        self.lightning_module.load_state_dict(self._global_state if state is None else state)
-        self._plan, self._global_state = None, {}
-
-    # ------------------------------------------------------------ what the server may read
-
-    def evaluate_clients(self) -> dict[str, dict[str, float]]:
-        """The global model's metrics on each client's held-out records (``client.holdout_fraction``), from the
-        module's ``validation_step``; computed only where they may be released (no DP, or
-        ``privacy.unsafe_release_training_metrics``): they come from private records without noise."""
-        if not self.holdouts or not self.releases_client_outputs:
-            return {}
-        batch = self._holdout_batch_size
-        return {
-            name: evaluate_on(self.lightning_module, dataset, batch_size=batch, to_device=self.batch_to_device)
-            for name, dataset in self.holdouts.items()
-        }
-
-    @property
-    def current_client(self) -> str | None:
-        """The client whose batches are training now (``None`` between rounds, and where participation is
-        withheld)."""
-        client = None if self._loop is None else self._loop.client
-        return None if client is None or self.participation_withheld else client.name
-
-    @property
-    def guaranteed(self) -> bool:
-        """Whether the epsilons reported are proven upper bounds for what this run does."""
-        return self.privacy.enabled and not self.privacy.weakened_by()
-
-    @property
-    def releases_client_outputs(self) -> bool:
-        """Whether values computed from client records without noise (training metrics, training-stage
-        ``self.log``, held-out metrics, error messages) may leave a client: only with no DP at all (record- or
-        user-level), or under ``privacy.unsafe_release_training_metrics``."""
-        if self.privacy.unsafe_release_training_metrics:
-            return True
-        return not self.privacy.enabled and not self.user_privacy.enabled
-
-    @property
-    def participation_withheld(self) -> bool:
-        """Whether who took part in each round is kept from loggers and reports: under user-level DP with sampled
-        clients (unless ``user_privacy.release_participation``), where the user-level epsilon relies on it."""
-        return self.user_level is not None and self.user_level.participation_secret
-
-    def epsilon_of(self, client: ClientState) -> float | None:
-        """A client's released epsilon at ``privacy.delta``: its accountant's, or, where participation is withheld,
-        the bound for a client that took part in every round so far (its own would show its rounds); ``None``
-        without privacy or where none is proven (shuffled batches). GDP's value is an approximation."""
-        if not self.privacy.enabled or not self.privacy.poisson_sampling:
-            return None
-        if self.participation_withheld:
-            return client.epsilon_if_every_round(self.rounds_run, self.privacy.delta)
-        return client.epsilon(self.privacy.delta)
-
-    def epsilons(self) -> dict[str, float | None]:
-        """Every client's privacy spent so far at ``privacy.delta`` (see :meth:`epsilon_of`)."""
-        return {name: self.epsilon_of(c) for name, c in self.clients.items()}
-
-    def released_labels(self) -> dict[str, Tensor | None] | None:
-        """Each client's integer labels (``None`` where its data is not a ``TensorDataset`` of 1-d labels), only
-        where they may be released (no DP at all, or ``privacy.unsafe_release_class_counts``); else ``None``."""
-        no_dp = not self.privacy.enabled and self.user_level is None
-        if not (no_dp or self.privacy.unsafe_release_class_counts):
-            return None
-        return {name: _labels(c.dataset) for name, c in self.clients.items()}
-
-    def records(self) -> dict[str, ClientRecord]:
-        """The server's public view of every client (what reports and loggers read)."""
-        return {name: c.record(self.epsilon_of(c)) for name, c in self.clients.items()}
-
     @override
     def teardown(self) -> None:
         if self._loop is not None:
@@ -775,16 +466,6 @@ class FederatedRounds(ResumableRounds):
             self._batch_runtime.close()
             self._batch_runtime = None
         super().teardown()
-
-
-def _labels(dataset: Any) -> Tensor | None:
-    if isinstance(dataset, TensorDataset) and dataset.tensors[-1].dim() == 1:
-        return dataset.tensors[-1]
-    return None
-
-
-def _no_log(*args: Any, **kwargs: Any) -> None:
-    pass
 
 
 def _followed_by(closure: Any, after: Any) -> Any:

@@ -109,7 +109,9 @@ class FederatedDPStrategy(SingleDeviceRounds, SingleDeviceStrategy):
             ``privacy.unsafe_seeded_randomness``).
         log_rounds: add a :class:`~fl_dp_lightning.callbacks.FederatedLogger` when the Trainer has none.
         device: the device to train on; by default the accelerator's first device.
-        accelerator, checkpoint_io, precision_plugin: Lightning's own (set by the Trainer when left out).
+        accelerator: Lightning's (set by the Trainer when left out).
+        checkpoint_io: Lightning's checkpoint IO; by default atomic writes verified on load.
+        precision_plugin: Lightning's (set by the Trainer when left out).
     """
 
     strategy_name = "federated_dp"

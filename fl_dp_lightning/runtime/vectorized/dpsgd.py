@@ -114,3 +114,18 @@ def sgd_step(
         )
         grad = grad + momentum * momentum_buffer if nesterov else momentum_buffer
     return param - lr * grad, momentum_buffer
+
+
+def gaussian_noise(std: float, like: Tensor, generator: torch.Generator | None, secure_mode: bool) -> Tensor:
+    """DP-SGD's noise for a sum shaped like ``like``: N(0, std^2) per coordinate, drawn from ``generator`` as
+    Opacus's ``DPOptimizer`` draws it (the same stream gives the same noise under both engines). ``secure_mode``
+    sums four draws over two, after one discarded (Opacus's defence against floating-point attacks, Mironov 2012)."""
+    if std == 0:
+        return torch.zeros_like(like)
+    if not secure_mode:
+        return torch.normal(0, std, like.shape, device=like.device, generator=generator, dtype=like.dtype)
+    torch.normal(0, std, (1, 1), device=like.device, generator=generator)  # discarded, as Opacus does
+    total = torch.zeros(like.shape, device=like.device, dtype=like.dtype)
+    for _ in range(4):
+        total += torch.normal(0, std, like.shape, device=like.device, generator=generator)
+    return total / 2

@@ -29,12 +29,10 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from opacus.optimizers.optimizer import _generate_noise
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.optim import SGD, Optimizer
-from torch.utils.data import Dataset, TensorDataset
+from torch.optim import Optimizer
+from torch.utils.data import TensorDataset
 
 from fl_dp_lightning.config import ConfigError, EngineConfig, PrivacyConfig
 from fl_dp_lightning.privacy.per_example import (
@@ -52,6 +50,7 @@ from fl_dp_lightning.runtime.vectorized.dpsgd import (
     LOSSES,
     clip_and_sum,
     clip_and_sum_by_client,
+    gaussian_noise,
     sgd_step,
 )
 from fl_dp_lightning.update import ClientUpdate, RoundRequest
@@ -65,37 +64,6 @@ SHARED_PASS = 1024
 """Records per pass, at most, when the clients of a chunk share their weights (a round's first step)."""
 POISSON_SPREAD = 4
 """Static width of a compiled Poisson batch: the expected size plus this many standard deviations."""
-
-
-def check_vectorizable(
-    module: nn.Module, optimizer: Optimizer, step_schedulers: int, datasets: Mapping[str, Dataset], precision: str
-) -> None:
-    """Refuses, in one line with the fix, what the vectorized engine cannot train (before any privacy is spent)."""
-    problems = []
-    for name, dataset in datasets.items():
-        if not (isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2):
-            problems.append(
-                f"client {name!r} holds a {type(dataset).__name__}: it needs each client's data as "
-                "TensorDataset(inputs, targets)"
-            )
-            break
-    norms = sorted({type(m).__name__ for m in module.modules() if isinstance(m, _BatchNorm)})
-    if norms:
-        problems.append(
-            f"{', '.join(norms)} updates running statistics from each batch, which a functional step cannot carry; "
-            "set privacy.fix_modules=true (it becomes GroupNorm)"
-        )
-    if type(optimizer) is not SGD:
-        problems.append(
-            f"it runs SGD (lr, momentum, weight decay, nesterov); configure_optimizers returned "
-            f"{type(optimizer).__name__}"
-        )
-    if step_schedulers:
-        problems.append("an LR scheduler with interval='step' would step once per round; use interval='epoch'")
-    if precision not in ("32", "32-true"):
-        problems.append(f"precision={precision!r}: it trains in float32; use precision=32")
-    if problems:
-        raise ConfigError("engine=vectorized cannot train this run: " + "; ".join(problems) + " (or use engine=opacus)")
 
 
 class VectorizedClients:
@@ -485,7 +453,7 @@ class VectorizedClients:
             for c, client in enumerate(chunk):
                 if active[c]:
                     std = client.noise_multiplier * client.max_grad_norm
-                    rows[c] = rows[c] + _generate_noise(std, rows[c], client.noise_rng, self.privacy.secure_mode)
+                    rows[c] = rows[c] + gaussian_noise(std, rows[c], client.noise_rng, self.privacy.secure_mode)
             out[name] = torch.stack(rows)
         if self.privacy.loss_reduction == "mean":  # Opacus divides by the expected batch size
             return self._batch_mean(out, batch)
