@@ -76,3 +76,22 @@ def test_running_average_restricted_to_parameters_keeps_buffers_at_the_global_va
     out = running.result(global_state)
     assert torch.equal(out["w"], torch.tensor([2.5, 5.0]))  # (1*1 + 3*3) / 4, (2 + 18) / 4
     assert torch.equal(out["running_mean"], global_state["running_mean"])  # never averaged, never released
+
+
+def test_combining_two_processes_partial_sums_equals_one_running_average_of_all_clients():
+    from fl_dp_lightning.server.aggregate import combine_processes
+
+    template = {"w": torch.zeros(3), "b": torch.zeros(2)}
+    clients = [{"w": torch.randn(3), "b": torch.randn(2)} for _ in range(3)]
+    both = RunningAverage()
+    for state, weight in zip(clients, (1.0, 2.0, 3.0)):
+        both.add(state, weight)
+    first, second = RunningAverage(), RunningAverage()
+    first.add(clients[0], 1.0)
+    for state, weight in zip(clients[1:], (2.0, 3.0)):
+        second.add(state, weight)
+    theirs = torch.cat([second.summed["w"], second.summed["b"], torch.tensor([5.0], dtype=torch.float64)])
+    combine_processes(first, template, lambda flat: flat.add_(theirs))  # the other process's sum arrives
+    assert first.total_weight == both.total_weight
+    for key, value in both.result(template).items():
+        torch.testing.assert_close(first.result(template)[key], value, rtol=0, atol=1e-12)

@@ -51,8 +51,8 @@ def test_a_round_that_fails_before_training_leaves_the_approval_unused():
     weights = {k: v.numpy() for k, v in module.state_dict().items()}
     bad = {**weights, next(iter(weights)): weights[next(iter(weights))][:1]}  # a tensor of the wrong shape
     with pytest.raises(RuntimeError):
-        client.round({"weights": bad, "sgd": sgd, "proximal_mu": 0.0}, approved)
+        client.round({"weights": bad, "sgd": sgd, "proximal_mu": 0.0, "round": 1}, approved)
     assert client.rounds_run == {} and client.client.accountant.history == []  # nothing trained, nothing used
-    reply = client.round({"weights": weights, "sgd": sgd, "proximal_mu": 0.0}, approved)
+    reply = client.round({"weights": weights, "sgd": sgd, "proximal_mu": 0.0, "round": 1}, approved)
     assert reply["steps_taken"] > 0 and client.rounds_run == {1: 1}
-    assert client.round({"weights": weights, "sgd": sgd, "proximal_mu": 0.0}, approved)["refused"] == APPROVAL_USED
+    assert client.round({"weights": weights, "sgd": sgd, "proximal_mu": 0.0, "round": 1}, approved)["refused"] == APPROVAL_USED

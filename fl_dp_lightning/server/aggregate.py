@@ -6,8 +6,9 @@ weights; the result is cast back to each tensor's dtype. Inputs are never modifi
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 StateDict = Mapping[str, Tensor]
@@ -88,3 +89,20 @@ class RunningAverage:
         if self.total_weight <= 0:
             raise ValueError("no client with positive weight was added to this round's average")
         return finish_average(template, self.summed, self.total_weight)
+
+
+def combine_processes(average: RunningAverage, template: StateDict, all_reduce: Callable[[Tensor], None]) -> None:
+    """Adds every process's partial sum and total weight into ``average``, in place, with one ``all_reduce`` (an
+    in-place sum over processes) of one flat float64 tensor; keys a process never summed count as zeros."""
+    keys = averaged_keys(template, average.only)
+    parts = [
+        average.summed.get(k, torch.zeros(template[k].shape, dtype=torch.float64, device=template[k].device))
+        for k in keys
+    ]
+    flat = torch.cat([p.flatten() for p in parts] + [parts[0].new_tensor([average.total_weight])])
+    all_reduce(flat)
+    summed, offset = {}, 0
+    for key, part in zip(keys, parts):
+        summed[key] = flat[offset : offset + part.numel()].view(part.shape)
+        offset += part.numel()
+    average.summed, average.total_weight = summed, float(flat[-1])

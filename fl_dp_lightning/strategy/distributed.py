@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.ddp import _sync_module_states
@@ -20,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from fl_dp_lightning.config import ConfigError
-from fl_dp_lightning.server.aggregate import averaged_keys
+from fl_dp_lightning.server.aggregate import combine_processes
 from fl_dp_lightning.server.plan import RoundPlan
 from fl_dp_lightning.strategy.federated_dp import FederatedRounds
 
@@ -75,19 +74,7 @@ class DistributedFederatedDPStrategy(FederatedRounds, DDPStrategy):
 
     @override
     def _combine_round(self) -> None:
-        average, template = self._average, self._global_state
-        keys = averaged_keys(template, average.only)
-        parts = [
-            average.summed.get(k, torch.zeros(template[k].shape, dtype=torch.float64, device=template[k].device))
-            for k in keys
-        ]
-        flat = torch.cat([p.flatten() for p in parts] + [parts[0].new_tensor([average.total_weight])])
-        dist.all_reduce(flat)
-        summed, offset = {}, 0
-        for key, part in zip(keys, parts):
-            summed[key] = flat[offset : offset + part.numel()].view(part.shape)
-            offset += part.numel()
-        average.summed, average.total_weight = summed, float(flat[-1])
+        combine_processes(self._average, self._global_state, dist.all_reduce)
 
         mine = {name: self.clients[name].state_dict() for name in self._local_plan.clients}
         round_no = self._plan.round_idx + 1

@@ -41,11 +41,11 @@ from fl_dp_lightning.config import (
 )
 from fl_dp_lightning.data.datamodule import ClientDatasets
 from fl_dp_lightning.privacy.per_example import channels_last
+from fl_dp_lightning.runtime.base import ClientRuntime
 from fl_dp_lightning.runtime.client import ClientState, make_client
 from fl_dp_lightning.runtime.opacus import OpacusRuntime
 from fl_dp_lightning.runtime.sampling import on_device, take_batch
 from fl_dp_lightning.runtime.syft.clients import SyftClients, import_syft
-from fl_dp_lightning.runtime.vectorized.engine import VectorizedClients
 from fl_dp_lightning.server.plan import RoundPlan, clients_per_round, over_budget, plan_round
 from fl_dp_lightning.server.round import Aggregate, open_aggregate
 from fl_dp_lightning.server.user_level import UserLevelDP
@@ -133,7 +133,7 @@ class FederatedRounds(ServerSide, ReleaseRules, RunParts, ResumableRounds):
         self.last_round: list[ClientUpdate] = []
         """The round's client updates as released (their parameters are in the average)."""
         self._loop: OpacusRuntime | None = None
-        self._batch_runtime: VectorizedClients | SyftClients | None = None
+        self._batch_runtime: ClientRuntime | None = None
         self._restored: dict[str, Any] | None = None
         self._plan: RoundPlan | None = None
         self._local_plan: RoundPlan | None = None
@@ -416,6 +416,8 @@ class FederatedRounds(ServerSide, ReleaseRules, RunParts, ResumableRounds):
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        if self._loop is None:  # a vectorized round's one batch: the clients trained in training_step
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
         if self._empty_batch and self._loop.optimizer is not None:
             self._loop.empty_backward()
             return closure_loss
