@@ -27,7 +27,7 @@ $(SYFT_STAMP): pyproject.toml
 	touch $(SYFT_STAMP)
 
 syft-test: $(SYFT_STAMP)  ## clients as PySyft datasites, in their own venv (syft 0.9.5 pins numpy 1.24.4)
-	$(SYFT_PY) -m pytest -q -p no:cacheprovider tests/test_syft_runtime.py
+	$(SYFT_PY) -m pytest -q -p no:cacheprovider tests/runtime/test_syft_runtime.py
 
 DOCS_STAMP := $(VENV)/.docs-stamp
 $(DOCS_STAMP): $(STAMP)

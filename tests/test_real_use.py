@@ -22,7 +22,7 @@ from fl_dp_lightning.data import ClientDatasets
 from fl_dp_lightning.data.datamodule import describe_sizes
 
 from .conftest import make_trainer
-from .test_strategy import BatchNormModule, UnawareModule
+from .strategy.test_strategy import BatchNormModule, UnawareModule
 
 
 class WrittenForPytorchLightning(pytorch_lightning.LightningModule):
@@ -254,7 +254,7 @@ def test_train_py_shows_every_setting_in_tensorboard_logs_rounds_to_train_log_an
 
     from fl_dp_lightning.cli import run
 
-    from .test_config import composed
+    from .config.test_config import composed
 
     file_log = logging.FileHandler(tmp_path / "train.log")  # what Hydra attaches to the root logger
     logging.getLogger().addHandler(file_log)

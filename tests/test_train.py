@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fl_dp_lightning.checkpoint import CHECKPOINT_KEY
 
-from .test_config import composed
+from .config.test_config import composed
 
 
 def test_a_short_run_logs_every_clients_epsilon_per_round_to_tensorboard(tmp_path):

@@ -1,0 +1,102 @@
+"""The strategy on LightningModules that were not written for it."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet18
+
+from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, PrivacyConfig
+from fl_dp_lightning.models import resnet18_groupnorm
+
+from ..conftest import make_trainer
+from .test_strategy import BatchNormModule, UnawareModule, split
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`"),
+    pytest.mark.filterwarnings("ignore:privacy.fix_modules changed the model"),  # tested in test_real_use.py
+]
+
+
+class SchedulerModule(UnawareModule):
+    """Its own optimizer with a StepLR scheduler that halves the learning rate every epoch."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)}
+
+
+def test_a_module_with_its_own_scheduler_keeps_it_one_step_per_round(synthetic):
+    pl.seed_everything(0)
+    datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=2, batch_size=32)
+    module = SchedulerModule()
+    trainer = make_trainer(FederatedDPStrategy(privacy=PrivacyConfig(noise_multiplier=0.8)), 3)
+    trainer.fit(module, datamodule)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.2 * 0.5**3
+    assert trainer.validate(module, datamodule, verbose=False)[0]["my_acc"] > 0.5
+
+
+def test_batchnorm_is_replaced_by_groupnorm_when_fix_modules_is_on(synthetic):
+    pl.seed_everything(0)
+    datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=2, batch_size=32)
+    module = BatchNormModule()
+    make_trainer(FederatedDPStrategy(privacy=PrivacyConfig(fix_modules=True)), 1).fit(module, datamodule)
+    assert isinstance(module.body[1], nn.GroupNorm) and module.body[1].num_channels == 4
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+
+
+class ResNetModule(pl.LightningModule):
+    """A torchvision ResNet-18 as a user would plug it in."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def tiny_clients(synthetic):
+    small = split(synthetic.train, [32, 32])
+    return FederatedDataModule(train={"a": small[0], "b": small[1]}, test=synthetic.test, batch_size=8)
+
+
+def test_torchvision_resnet18_with_groupnorm_trains_a_dp_round(synthetic):
+    pl.seed_everything(0)
+    module = ResNetModule(resnet18_groupnorm(num_classes=10, in_channels=1))
+    # every norm of ResNet-18: the stem, two per block (8 blocks), three in the downsample paths
+    assert sum(isinstance(m, nn.GroupNorm) for m in module.modules()) == 1 + 2 * 8 + 3
+    before = module.net.fc.weight.detach().clone()
+    strategy = FederatedDPStrategy()
+    make_trainer(strategy, 1, limit_val_batches=0).fit(module, tiny_clients(synthetic))
+    assert not torch.equal(before, module.net.fc.weight)
+    assert strategy.clients["a"].accountant.history == [(1.2, 0.25, 4)]
+
+
+def test_stock_resnet18_is_refused_at_its_first_step_with_the_fix_and_spends_nothing(synthetic):
+    pl.seed_everything(0)
+    net = resnet18(num_classes=10)
+    net.conv1 = nn.Conv2d(1, 64, kernel_size=3, padding=1, bias=False)
+    module = ResNetModule(net)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    strategy = FederatedDPStrategy(privacy=PrivacyConfig(fix_modules=True))  # BatchNorm and ReLU get fixed
+    with pytest.raises(ValueError, match="out of place.*resnet18_groupnorm"):
+        make_trainer(strategy, 1, limit_val_batches=0).fit(module, tiny_clients(synthetic))
+    assert isinstance(module.net.bn1, nn.GroupNorm)  # fixed in place before training
+    assert all(c.accountant.history == [] for c in strategy.clients.values())
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items() if k in before)
+
+
+def test_in_place_activations_are_refused_before_training_with_the_fix(synthetic):
+    datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=2, batch_size=32)
+    module = UnawareModule()
+    module.body[2] = nn.ReLU(inplace=True)
+    with pytest.raises(ValueError, match=r"body.2 \(in place\).*privacy.fix_modules=true"):
+        make_trainer(FederatedDPStrategy(), 1).fit(module, datamodule)
