@@ -5,10 +5,7 @@ Lightning's prefetching does not matter). The client side is a runtime (:mod:`fl
 inside this batch loop, or the vectorized engine and PySyft datasites, which train the round's clients in one
 batch. Each hands the server one :class:`~fl_dp_lightning.update.ClientUpdate` per client; the server's end of the
 round (:mod:`fl_dp_lightning.server.round`) averages them and loads the result before validation and checkpoints.
-
-Under DP nothing computed from a client's records leaves it except its noised model: the module's training-stage
-``self.log`` calls are withheld, and only parameters are averaged (see :mod:`fl_dp_lightning.runtime.opacus`).
-``privacy.unsafe_release_training_metrics`` lifts this for debugging (and the privacy report says so).
+What may leave a client is decided in :mod:`fl_dp_lightning.strategy.release`.
 """
 
 from __future__ import annotations
