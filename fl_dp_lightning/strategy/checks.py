@@ -6,8 +6,10 @@ strategy's options, the Trainer, or the clients' data.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fl_dp_lightning.config import (
@@ -65,6 +67,23 @@ def check_options(
             "client.overrides.*.noise_multiplier: privacy.target_epsilon calibrates every client's noise; "
             "drop the noise override or the target"
         )
+
+
+def check_settings(strategy: type, federated: Sequence[str], given: Iterable[str]) -> None:
+    """Refuses a keyword that neither the federated rounds (``federated``) nor the Lightning strategy under
+    ``strategy`` take, naming the closest setting (a typo would otherwise reach Lightning's ``__init__``, or be
+    ignored by ``DDPStrategy``, whose ``**kwargs`` go to a DistributedDataParallel these rounds never build)."""
+    lightning = next(c for c in strategy.__mro__ if c.__module__.startswith(("lightning.", "pytorch_lightning.")))
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = inspect.signature(lightning.__init__).parameters.values()
+    known = [*federated, *(p.name for p in params if p.kind in named and p.name != "self")]
+    for name in given:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"{strategy.__name__} got an unknown setting {name!r}: {hint}its settings are {', '.join(known)}"
+            )
 
 
 def check_syft(*, vectorized: bool, secure_aggregation: SecureAggregationConfig, holdouts: bool = False) -> None:

@@ -35,8 +35,8 @@ class DistributedFederatedDPStrategy(FederatedRounds, DDPStrategy):
 
     strategy_name = "federated_dp_ddp"
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    @override
+    def _check_processes(self) -> None:
         server_side = {"user_privacy": self.user_privacy, "secure_aggregation": self.secure_aggregation}
         for key, config in server_side.items():
             if config.enabled:

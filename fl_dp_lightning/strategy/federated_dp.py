@@ -10,6 +10,7 @@ What may leave a client is decided in :mod:`fl_dp_lightning.strategy.release`.
 
 from __future__ import annotations
 
+import inspect
 import secrets
 import warnings
 from collections.abc import Iterator, Mapping
@@ -50,6 +51,7 @@ from fl_dp_lightning.strategy.building import RunParts
 from fl_dp_lightning.strategy.checks import (
     check_finite_epsilon,
     check_options,
+    check_settings,
     check_syft,
     check_trainer,
 )
@@ -81,10 +83,13 @@ class FederatedRounds(ServerSide, ReleaseRules, RunParts, ResumableRounds):
         syft: SyftConfig | None = None,
         seed: int = 0,
         log_rounds: bool = True,
-        **kwargs: Any,
+        **lightning: Any,
     ):
-        kwargs.setdefault("checkpoint_io", VerifiedCheckpointIO())
-        super().__init__(**kwargs)
+        check_settings(type(self), _SETTINGS, lightning)
+        self._lightning_given = {k for k, v in lightning.items() if v is not None}
+        lightning = {k: lightning[k] for k in self._lightning_given}
+        lightning.setdefault("checkpoint_io", VerifiedCheckpointIO())  # atomic writes, verified on load
+        super().__init__(**lightning)
         self.privacy = privacy if privacy is not None else PrivacyConfig()
         self.engine = EngineConfig(name=engine) if isinstance(engine, str) else engine
         self.user_privacy = user_privacy if user_privacy is not None else UserPrivacyConfig()
@@ -149,8 +154,12 @@ class FederatedRounds(ServerSide, ReleaseRules, RunParts, ResumableRounds):
         """Rounds run so far, also those no client joined: the current round's index."""
         self.updates_added = 0
         """Client updates this process added to a round's aggregate (a run where none ever was trained nothing)."""
+        self._check_processes()
 
     # ------------------------------------------------- process extension points
+
+    def _check_processes(self) -> None:
+        """Refuses settings that one process cannot share with others (none in one process)."""
 
     def _rank_plan(self, plan: RoundPlan) -> RoundPlan:
         """The part of the round this process trains (all of it in one process)."""
@@ -465,6 +474,9 @@ class FederatedRounds(ServerSide, ReleaseRules, RunParts, ResumableRounds):
             self._batch_runtime.close()
             self._batch_runtime = None
         super().teardown()
+
+
+_SETTINGS = [n for n in inspect.signature(FederatedRounds.__init__).parameters if n not in ("self", "lightning")]
 
 
 def _followed_by(closure: Any, after: Any) -> Any:

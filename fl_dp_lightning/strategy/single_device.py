@@ -1,26 +1,10 @@
-"""FederatedDPStrategy: the federated rounds on one device, with every setting in its signature."""
+"""FederatedDPStrategy: the federated rounds on one device."""
 
 from __future__ import annotations
 
-import difflib
-import inspect
-from collections.abc import Mapping
-from typing import Any
-
 import torch
-from lightning.fabric.utilities.types import _DEVICE
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
-from fl_dp_lightning.config import (
-    ClientOverride,
-    ConfigError,
-    EngineConfig,
-    PrivacyConfig,
-    SecureAggregationConfig,
-    ServerConfig,
-    SyftConfig,
-    UserPrivacyConfig,
-)
 from fl_dp_lightning.strategy.federated_dp import FederatedRounds
 
 
@@ -28,56 +12,12 @@ class SingleDeviceRounds(FederatedRounds):
     """The rounds on one device: the accelerator's first, unless ``device`` is given. Placed before a Lightning
     ``SingleDeviceStrategy`` of either namespace (``lightning.pytorch`` or ``pytorch_lightning``)."""
 
-    def __init__(
-        self,
-        *,
-        privacy: PrivacyConfig | None = None,
-        server: ServerConfig | None = None,
-        engine: str | EngineConfig = "opacus",
-        user_privacy: UserPrivacyConfig | None = None,
-        secure_aggregation: SecureAggregationConfig | None = None,
-        local_epochs: int = 1,
-        client_fraction: float = 1.0,
-        client_sampling: str = "uniform",
-        proximal_mu: float = 0.0,
-        client_overrides: Mapping[str, ClientOverride] | None = None,
-        on_client_failure: str = "drop",
-        client_time_limit: float | None = None,
-        syft: SyftConfig | None = None,
-        seed: int = 0,
-        log_rounds: bool = True,
-        device: _DEVICE | None = None,
-        accelerator: Any = None,
-        checkpoint_io: Any = None,
-        precision_plugin: Any = None,
-        **unknown: Any,
-    ):
-        if unknown:
-            raise ConfigError(unknown_setting(type(self), next(iter(unknown))))
-        settings = {k: v for k, v in locals().items() if k in _SETTINGS}
-        if checkpoint_io is None:
-            settings.pop("checkpoint_io")  # the rounds' verified checkpoint IO is the default
-        super().__init__(**{**settings, "device": device if device is not None else "cpu"})
-        self._device_given = device is not None
-
     @property
     def root_device(self) -> torch.device:
         # by class name: the accelerator may come from either Lightning namespace
-        if not self._device_given and type(self.accelerator).__name__ == "CUDAAccelerator":
+        if "device" not in self._lightning_given and type(self.accelerator).__name__ == "CUDAAccelerator":
             return torch.device("cuda", torch.cuda.current_device())
         return self._root_device
-
-
-_SETTINGS = [
-    name for name in inspect.signature(SingleDeviceRounds.__init__).parameters if name not in ("self", "unknown")
-]
-
-
-def unknown_setting(strategy: type, name: str) -> str:
-    """One line for a keyword ``strategy`` does not take, naming the closest setting."""
-    close = difflib.get_close_matches(name, _SETTINGS, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"{strategy.__name__} got an unknown setting {name!r}: {hint}its settings are {', '.join(_SETTINGS)}"
 
 
 class FederatedDPStrategy(SingleDeviceRounds, SingleDeviceStrategy):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -10,6 +12,9 @@ from torch import nn
 from torchvision.models import resnet18
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, PrivacyConfig
+from fl_dp_lightning.config import ConfigError
+from fl_dp_lightning.pytorch_lightning import FederatedDPStrategy as PLFederatedDPStrategy
+from fl_dp_lightning.strategy.distributed import DistributedFederatedDPStrategy
 from fl_dp_lightning.models import resnet18_groupnorm
 
 from ..conftest import make_trainer
@@ -100,3 +105,32 @@ def test_in_place_activations_are_refused_before_training_with_the_fix(synthetic
     module.body[2] = nn.ReLU(inplace=True)
     with pytest.raises(ValueError, match=r"body.2 \(in place\).*privacy.fix_modules=true"):
         make_trainer(FederatedDPStrategy(), 1).fit(module, datamodule)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "typo", "meant"),
+    [
+        (FederatedDPStrategy, "privcy", "privacy"),
+        (FederatedDPStrategy, "devise", "device"),
+        (DistributedFederatedDPStrategy, "start_methd", "start_method"),
+        (DistributedFederatedDPStrategy, "local_epoch", "local_epochs"),
+    ],
+)
+def test_a_misspelt_setting_is_refused_in_one_line_naming_the_setting_meant(strategy, typo, meant):
+    with pytest.raises(ConfigError, match=rf"unknown setting '{typo}': did you mean '{meant}'\?"):
+        strategy(**{typo: 1})
+
+
+def test_the_strategies_show_their_federated_settings_to_inspect_with_types_and_defaults():
+    for strategy in (FederatedDPStrategy, DistributedFederatedDPStrategy, PLFederatedDPStrategy):
+        params = inspect.signature(strategy).parameters
+        assert params["privacy"].kind is inspect.Parameter.KEYWORD_ONLY
+        assert params["local_epochs"].default == 1 and params["client_fraction"].default == 1.0
+        assert "PrivacyConfig" in str(params["privacy"].annotation)
+
+
+def test_lightning_settings_reach_lightning_and_the_device_is_the_one_given():
+    strategy = FederatedDPStrategy(device="cpu", checkpoint_io=None)
+    assert strategy.root_device == torch.device("cpu")
+    assert type(strategy.checkpoint_io).__name__ == "VerifiedCheckpointIO"  # None keeps the verified default
+    assert DistributedFederatedDPStrategy(start_method="spawn")._start_method == "spawn"
