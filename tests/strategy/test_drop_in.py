@@ -13,9 +13,9 @@ from torchvision.models import resnet18
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, PrivacyConfig
 from fl_dp_lightning.config import ConfigError
+from fl_dp_lightning.models import resnet18_groupnorm
 from fl_dp_lightning.pytorch_lightning import FederatedDPStrategy as PLFederatedDPStrategy
 from fl_dp_lightning.strategy.distributed import DistributedFederatedDPStrategy
-from fl_dp_lightning.models import resnet18_groupnorm
 
 from ..conftest import make_trainer
 from .test_strategy import BatchNormModule, UnawareModule, split
