@@ -22,11 +22,12 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fl_dp_lightning.audit.run import add_canaries, audit_model, check_audit, describe_audit
 from fl_dp_lightning.callbacks import FederatedLogger, FederatedProgressBar, RoundCheckpoint
 from fl_dp_lightning.config import Config, ConfigError, HardwareConfig, require
 from fl_dp_lightning.data import FederatedDataModule
@@ -204,6 +205,8 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     log_lightning_to_files()
     trainer, module, datamodule = build(conf, run_dir)
     datamodule.setup("fit")  # the data origin, for the hyperparameters
+    check_audit(conf)
+    audited = add_canaries(conf.audit, datamodule) if conf.audit.enabled else None
     # logged before training, with the final metrics as placeholders that the values at the end replace
     final = {"final/test_acc": float("nan"), "final/epsilon_max": float("nan")}
     trainer.logger.log_hyperparams(run_hparams(conf, datamodule.data_origin), final)
@@ -232,9 +235,27 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
         "seconds_per_round": timer.seconds,
         "history": timer.history,
     }
+    if audited is not None:
+        client, canaries = audited
+        results["audit"] = audit_model(
+            conf.audit, canaries, module, client=client, epsilon=epsilons.get(client), delta=conf.privacy.delta
+        )
+        report_audit(results["audit"], trainer, run_dir / "privacy_report.json")
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def report_audit(audit: dict[str, Any], trainer: pl.Trainer, report_path: Path) -> None:
+    """The audit's line in the log, its numbers in TensorBoard (``audit/*``) and its entry in the privacy report."""
+    rank_zero_info(describe_audit(audit))
+    printed = float("nan") if audit["epsilon"] is None else audit["epsilon"]
+    bound = {"audit/epsilon_lower_bound": audit["epsilon_lower_bound"], "audit/epsilon": printed}
+    trainer.logger.log_metrics(bound, step=trainer.current_epoch)
+    trainer.logger.finalize("success")  # written now: the run's last event file is closed after Lightning's
+    if trainer.is_global_zero and report_path.exists():
+        report = json.loads(report_path.read_text())
+        report_path.write_text(json.dumps({**report, "audit": audit}, indent=2))
 
 
 def main(cfg: DictConfig, run_dir: str | Path | None = None) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fl_dp_lightning.config.audit import AuditConfig
 from fl_dp_lightning.config.choices import (
     ACCELERATORS,
     ACCOUNTANTS,
+    AUDIT_METHODS,
     CLIENT_FAILURES,
     CLIENT_RUNTIMES,
     CLIENT_SAMPLINGS,
@@ -58,6 +60,8 @@ __all__ = [
     "ENGINE_LOSSES",
     "PER_EXAMPLE",
     "MEMORY_FORMATS",
+    "AUDIT_METHODS",
+    "AuditConfig",
     "ClientConfig",
     "ClientOverride",
     "SyftConfig",
@@ -90,6 +94,7 @@ class Config:
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     model: Any = field(default_factory=lambda: {"_target_": "fl_dp_lightning.models.LitClassifier"})
     """Hydra ``_target_`` spec of the LightningModule to train (any module; ``lr`` etc. as keys)."""
 

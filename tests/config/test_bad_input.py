@@ -113,6 +113,13 @@ COMPOSE = [
     (["trainer.ckpt_path=/tmp"], "trainer.ckpt_path='/tmp': is a folder"),
     (["trainer.progress_bar=2"], "trainer.progress_bar=2: must be true or false"),
     (["foo=1"], "foo: unknown key"),
+    (["audit=foo"], "audit=foo: no such option"),
+    (["audit.method=many"], "audit.method='many': choose one of"),
+    (["audit=one_run", "audit.canaries=1"], "audit.canaries=1: must be >= 2"),
+    (["audit=one_run", "audit.guesses=3"], "audit.guesses=3: must be even"),
+    (["audit=one_run", "audit.guesses=2000"], "audit.guesses=2000: must be even, in \\[2, audit.canaries=1000\\]"),
+    (["audit=one_run", "audit.confidence=1"], r"audit.confidence=1.0: must be in \(0, 1\)"),
+    (["audit=one_run", "audit.canary_scale=0"], "audit.canary_scale=0.0: must be > 0"),
     (["privacy.delta=[1"], "cannot parse the override"),
 ]
 
@@ -167,6 +174,9 @@ LOADED = [
         "user_privacy.delta=1e-300: the pld accountant gives epsilon = inf",
     ),
     ("fashion", "train-images-idx3-ubyte.gz cannot be read"),
+    (["audit=one_run", "user_privacy=dpfedavg"], "audit.method='one_run': audits record-level DP-SGD"),
+    (["audit=one_run", f"trainer.ckpt_path={__file__}"], "cannot resume: drop trainer.ckpt_path"),
+    (["audit=one_run", "audit.client=carol"], "audit.client='carol': no such client; choose one of"),
 ]
 
 

@@ -1,0 +1,16 @@
+"""Empirical privacy audits: a measured lower bound on epsilon beside the accountant's upper bound."""
+
+from fl_dp_lightning.audit.bounds import clopper_pearson, membership_lower_bound, one_run_lower_bound, one_run_p_value
+from fl_dp_lightning.audit.canaries import Canaries, canary_scores, draw_canaries, guess, with_canaries
+
+__all__ = [
+    "Canaries",
+    "canary_scores",
+    "clopper_pearson",
+    "draw_canaries",
+    "guess",
+    "membership_lower_bound",
+    "one_run_lower_bound",
+    "one_run_p_value",
+    "with_canaries",
+]
