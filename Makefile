@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+BASE_STAMP := $(VENV)/.base-stamp
 ARGS ?=
 
 SYFT_VENV ?= .venv-syft
@@ -15,7 +16,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-train: $(STAMP)  ## the seed workload; extra Hydra overrides with ARGS="privacy.noise_multiplier=0.8 ..."
+$(BASE_STAMP): pyproject.toml  # the package alone: what training needs
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e .
+	touch $(BASE_STAMP)
+
+train: $(BASE_STAMP)  ## the seed workload; extra Hydra overrides with ARGS="privacy.noise_multiplier=0.8 ..."
 	$(PY) train.py $(ARGS)
 
 test: $(STAMP)
@@ -47,6 +53,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/secure_aggregation.py
 	$(PY) benchmarks/grad_sample_modes.py
 	$(PY) benchmarks/frameworks.py
+	$(PY) benchmarks/audit.py
 
 # the privacy-utility curve on Fashion-MNIST, 2 IID clients, the model and settings of the 84 % target (about 45
 # minutes on 2 CPU cores); the table and picture go to benchmarks/results/privacy_utility_fashion_mnist/
@@ -69,6 +76,7 @@ bench-quick: $(STAMP)  ## every benchmark on small synthetic data: checks they r
 	$(PY) benchmarks/secure_aggregation.py --quick --out /tmp/fl_dp_bench/secure_aggregation.json
 	$(PY) benchmarks/grad_sample_modes.py --quick --out /tmp/fl_dp_bench/grad_sample_modes.json
 	$(PY) benchmarks/frameworks.py --quick --out /tmp/fl_dp_bench/frameworks.json
+	$(PY) benchmarks/audit.py --quick --out /tmp/fl_dp_bench/audit.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fl_dp_lightning tests benchmarks examples train.py

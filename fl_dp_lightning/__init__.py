@@ -1,6 +1,8 @@
 """fl_dp_lightning: federated learning with per-client DP-SGD as a PyTorch Lightning strategy."""
 
-from lightning.pytorch.strategies import StrategyRegistry
+__version__ = "0.2.0.dev0"
+
+from lightning.pytorch.strategies import StrategyRegistry  # noqa: E402
 
 from fl_dp_lightning.callbacks import FederatedLogger, FederatedProgressBar
 from fl_dp_lightning.config import ClientConfig, ConfigError, DataConfig, PrivacyConfig, ServerConfig
@@ -14,6 +16,7 @@ for _strategy in (FederatedDPStrategy, DistributedFederatedDPStrategy):  # Train
         StrategyRegistry.register(_strategy.strategy_name, _strategy, description=_strategy.__doc__.splitlines()[0])
 
 __all__ = [
+    "__version__",
     "ClientConfig",
     "ClientDatasets",
     "ConfigError",

@@ -34,7 +34,7 @@ from fl_dp_lightning.data import FederatedDataModule
 from fl_dp_lightning.strategy import FederatedDPStrategy
 from fl_dp_lightning.strategy.distributed import DistributedFederatedDPStrategy
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 LAUNCHER_VARIABLES = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS")
 """Environment variables that torchrun or SLURM set for every process they launch."""
 

@@ -97,3 +97,15 @@ def test_frameworks_quick_runs_ours_plain_opacus_and_flower_each_in_its_own_proc
     assert epsilons("plain PyTorch + Opacus") == epsilons("Flower simulation + Opacus")
     assert result["machine"]["flwr"] and (tmp_path / "frameworks.md").read_text().startswith("| implementation")
     assert (tmp_path / "frameworks.png").exists()
+
+
+def test_audit_quick_sets_each_lower_bound_beside_its_printed_epsilon(tmp_path):
+    result = bench("audit.py", tmp_path / "audit.json", "--quick")
+    assert [r["setting"] for r in result["rows"]] == [
+        "seed workload, engine=opacus",
+        "synthetic, noise 20 accounted, none added (broken)",
+    ]
+    for row in result["rows"]:
+        assert 0 <= row["epsilon_lower_bound"] and 0 <= row["correct_guesses"] <= row["guesses"] == 10
+    assert result["table"][0].startswith("| setting | printed epsilon | lower bound")
+    assert (tmp_path / "audit.md").exists() and (tmp_path / "audit.png").exists()

@@ -29,6 +29,12 @@ def check_audit(conf: Config) -> None:
         "audits record-level DP-SGD; user-level DP needs canary clients, which are not built: set audit=none",
     )
     require(
+        conf.hardware.devices * conf.hardware.num_nodes == 1,
+        "audit.method",
+        conf.audit.method,
+        "each process would draw its own canaries: audit in one process (hardware=cpu or hardware=gpu)",
+    )
+    require(
         conf.trainer.ckpt_path is None,
         "audit.method",
         conf.audit.method,

@@ -48,10 +48,9 @@ class FederatedDPStrategy(SingleDeviceRounds, SingleDeviceStrategy):
         seed: seed of the client sampling per round (and of batch sampling and noise only under
             ``privacy.unsafe_seeded_randomness``).
         log_rounds: add a :class:`~fl_dp_lightning.callbacks.FederatedLogger` when the Trainer has none.
-        device: the device to train on; by default the accelerator's first device.
-        accelerator: Lightning's (set by the Trainer when left out).
-        checkpoint_io: Lightning's checkpoint IO; by default atomic writes verified on load.
-        precision_plugin: Lightning's (set by the Trainer when left out).
+        **lightning: ``SingleDeviceStrategy``'s own settings: ``device`` (by default the accelerator's first),
+            ``accelerator`` and ``precision_plugin`` (set by the Trainer when left out), ``checkpoint_io`` (by
+            default atomic writes verified on load).
     """
 
     strategy_name = "federated_dp"

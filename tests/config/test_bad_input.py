@@ -176,6 +176,7 @@ LOADED = [
     ("fashion", "train-images-idx3-ubyte.gz cannot be read"),
     (["audit=one_run", "user_privacy=dpfedavg"], "audit.method='one_run': audits record-level DP-SGD"),
     (["audit=one_run", f"trainer.ckpt_path={__file__}"], "cannot resume: drop trainer.ckpt_path"),
+    (["audit=one_run", "hardware=multi_cpu"], "each process would draw its own canaries"),
     (["audit=one_run", "audit.client=carol"], "audit.client='carol': no such client; choose one of"),
 ]
 

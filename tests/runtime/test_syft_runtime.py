@@ -336,3 +336,21 @@ def test_with_loopback_servers_the_server_process_holds_no_record_and_cannot_res
         assert result["registry"] == 2 and result["found"] > 0
         assert result["approvals"] == {"alice": 1, "bob": 1}  # the reset let a used-up approval train again
         assert result["syft"]["isolation"].startswith("none: a single-process simulation")
+
+
+@needs_syft
+def test_the_audit_through_datasites_is_sound_and_catches_noise_accounted_but_not_added(tmp_path, monkeypatch):
+    import fl_dp_lightning.runtime.vectorized.engine
+    from fl_dp_lightning.cli import run
+
+    from ..config.test_config import composed
+
+    settings = ["data=synthetic", "client.runtime=syft", "engine=vectorized", "trainer.progress_bar=false"]
+    settings += ["trainer.rounds=15", "audit=one_run", "audit.canaries=100", "audit.guesses=20"]
+    settings += ["privacy.noise_multiplier=20", "privacy.max_grad_norm=100"]
+    sound = run(composed(*settings), tmp_path / "sound")["audit"]
+    assert sound["epsilon_lower_bound"] <= sound["epsilon"] < 1
+    # the broken twin: the datasites (in this process) add no noise while accounting noise_multiplier=20
+    monkeypatch.setattr(fl_dp_lightning.runtime.vectorized.engine, "gaussian_noise", lambda s, like, *a: 0 * like)
+    broken = run(composed(*settings), tmp_path / "broken")["audit"]
+    assert broken["epsilon"] == pytest.approx(sound["epsilon"]) and broken["epsilon_lower_bound"] > broken["epsilon"]
