@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from fl_dp_lightning.config import (
@@ -69,14 +69,12 @@ def check_options(
         )
 
 
-def check_settings(strategy: type, federated: Sequence[str], given: Iterable[str]) -> None:
-    """Refuses a keyword that neither the federated rounds (``federated``) nor the Lightning strategy under
+def check_settings(strategy: type, federated: Callable[..., Any], given: Iterable[str]) -> None:
+    """Refuses a keyword that neither ``federated`` (the rounds' ``__init__``) nor the Lightning strategy under
     ``strategy`` take, naming the closest setting (a typo would otherwise reach Lightning's ``__init__``, or be
     ignored by ``DDPStrategy``, whose ``**kwargs`` go to a DistributedDataParallel these rounds never build)."""
     lightning = next(c for c in strategy.__mro__ if c.__module__.startswith(("lightning.", "pytorch_lightning.")))
-    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    params = inspect.signature(lightning.__init__).parameters.values()
-    known = [*federated, *(p.name for p in params if p.kind in named and p.name != "self")]
+    known = [*named_parameters(federated), *named_parameters(lightning.__init__)]
     for name in given:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
@@ -84,6 +82,13 @@ def check_settings(strategy: type, federated: Sequence[str], given: Iterable[str
             raise ConfigError(
                 f"{strategy.__name__} got an unknown setting {name!r}: {hint}its settings are {', '.join(known)}"
             )
+
+
+def named_parameters(function: Callable[..., Any]) -> list[str]:
+    """The parameters ``function`` takes by name, ``self`` and ``**kwargs`` left out."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = inspect.signature(function).parameters.values()
+    return [p.name for p in params if p.kind in named and p.name != "self"]
 
 
 def check_syft(*, vectorized: bool, secure_aggregation: SecureAggregationConfig, holdouts: bool = False) -> None:

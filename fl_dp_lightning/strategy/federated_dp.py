@@ -10,7 +10,6 @@ What may leave a client is decided in :mod:`fl_dp_lightning.strategy.release`.
 
 from __future__ import annotations
 
-import inspect
 import secrets
 import warnings
 from collections.abc import Iterator, Mapping
@@ -55,6 +54,7 @@ from fl_dp_lightning.strategy.checks import (
     check_syft,
     check_trainer,
 )
+from fl_dp_lightning.strategy.loader import WHOLE_ROUND, RoundIterable, followed_by
 from fl_dp_lightning.strategy.release import ReleaseRules
 from fl_dp_lightning.strategy.resume import ResumableRounds
 from fl_dp_lightning.strategy.server_side import ServerSide
@@ -85,7 +85,7 @@ class FederatedRounds(ServerSide, ReleaseRules, RunParts, ResumableRounds):
         log_rounds: bool = True,
         **lightning: Any,
     ):
-        check_settings(type(self), _SETTINGS, lightning)
+        check_settings(type(self), FederatedRounds.__init__, lightning)
         self._lightning_given = {k for k, v in lightning.items() if v is not None}
         lightning = {k: lightning[k] for k in self._lightning_given}
         lightning.setdefault("checkpoint_io", VerifiedCheckpointIO())  # atomic writes, verified on load
@@ -290,7 +290,7 @@ class FederatedRounds(ServerSide, ReleaseRules, RunParts, ResumableRounds):
         up to the length all processes share (starts the round when first advanced)."""
         self._start_round()
         if self.vectorized:
-            yield from [_WHOLE_ROUND] * self._round_total
+            yield from [WHOLE_ROUND] * self._round_total
         else:
             for name, _ in self._local_plan.segments:
                 client = self.clients[name]
@@ -441,7 +441,7 @@ class FederatedRounds(ServerSide, ReleaseRules, RunParts, ResumableRounds):
             output = closure()  # keeps Lightning's loop in step with the other processes; no update, no noise
         else:
             if self._loop.optimizer is None and self.proximal_mu:
-                closure = _followed_by(closure, self._add_proximal_gradient)  # under DP: in the step hook
+                closure = followed_by(closure, self._add_proximal_gradient)  # under DP: in the step hook
             output = super().optimizer_step(optimizer, closure, model, **kwargs)
         self._loop.after_step(stepped=not self._padding)
         if self._batch_idx in self._local_plan.ends:
@@ -474,37 +474,3 @@ class FederatedRounds(ServerSide, ReleaseRules, RunParts, ResumableRounds):
             self._batch_runtime.close()
             self._batch_runtime = None
         super().teardown()
-
-
-_SETTINGS = [n for n in inspect.signature(FederatedRounds.__init__).parameters if n not in ("self", "lightning")]
-
-
-def _followed_by(closure: Any, after: Any) -> Any:
-    """``closure``, then ``after()``; returns the closure's result."""
-
-    def run() -> Any:
-        result = closure()
-        after()
-        return result
-
-    return run
-
-
-_WHOLE_ROUND = "whole round"
-"""The one batch of a vectorized round (the engine draws the clients' batches itself)."""
-
-
-class RoundIterable:
-    """What Lightning iterates as the training loader: one round's batches per ``iter``."""
-
-    def __init__(self, strategy: FederatedRounds):
-        self.strategy = strategy
-
-    def __len__(self) -> int:
-        length = self.strategy.round_length()
-        if length is None:
-            raise TypeError("rounds differ in length when sampled clients differ in size")
-        return length
-
-    def __iter__(self) -> Iterator[Any]:
-        return self.strategy.round_batches()

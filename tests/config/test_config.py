@@ -53,6 +53,7 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path, monkeyp
         "model",
         "hardware",
         "trainer",
+        "audit",
     }
     conf = composed(f"{group}={option}")
     if conf.hardware.accelerator == "gpu":  # the GPU options are checked as if one GPU were present
