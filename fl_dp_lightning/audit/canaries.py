@@ -38,7 +38,7 @@ class Canaries:
 
 
 def draw_canaries(count: int, like: Tensor, num_classes: int, scale: float = 5.0, seed: int | None = None) -> Canaries:
-    """``count`` canaries shaped like the records ``like`` (a batch of training inputs): Gaussian images around
+    """``count`` canaries shaped like the records ``like`` (a batch of public inputs): Gaussian images around
     their mean with ``scale`` times their standard deviation, two distinct random labels each, fair coins.
     ``seed`` (tests only) fixes everything; by default the coins are secret."""
     generator = torch.Generator().manual_seed(secrets.randbits(62) if seed is None else seed)

@@ -50,8 +50,9 @@ def add_canaries(audit: AuditConfig, datamodule: Any, seed: int | None = None) -
         raise ConfigError(f"audit.client={client!r}: no such client; choose one of {list(datamodule.client_datasets)}")
     if datamodule.num_classes is None:
         raise ConfigError(f"audit.method={audit.method}: the canaries need integer class labels; set audit=none")
-    records = datamodule.client_datasets[client]
-    like = torch.stack([records[i][0] for i in range(min(len(records), 256))])
+    records, public = datamodule.client_datasets[client], datamodule.test_set
+    # scaled like the shared public set: no statistic of the client's own records enters the audit's output
+    like = torch.stack([public[i][0] for i in range(min(len(public), 256))])
     canaries = draw_canaries(audit.canaries, like, datamodule.num_classes, audit.canary_scale, seed=seed)
     datamodule.client_datasets[client] = with_canaries(records, canaries)
     return client, canaries
@@ -75,6 +76,8 @@ def audit_model(
         "canaries": len(canaries),
         "guesses": audit.guesses,
         "correct_guesses": correct,
+        "computed_from": "the released global model and the audit's own canaries and coins (scaled like the "
+        "public test set); no client record is read",
         "note": NOT_FOR_RELEASE,
     }
 

@@ -18,8 +18,8 @@ class AuditConfig:
     canaries: int = 1000
     """Canary slots added to the audited client's training records (each holds one record)."""
     canary_scale: float = 5.0
-    """Spread of a canary's pixels, in standard deviations of the client's own pixels (a canary is a Gaussian
-    image around their mean): far from the data, so that a model that memorizes records shows it."""
+    """Spread of a canary's pixels, in standard deviations of the shared public set's pixels (a canary is a
+    Gaussian image around their mean): far from the data, so that a model that memorizes records shows it."""
     guesses: int = 100
     """Canaries the auditor guesses about, half as included with their first label and half with their second;
     the others abstain. Fewer, surer guesses give a higher bound when the model leaks little."""

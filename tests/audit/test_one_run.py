@@ -39,7 +39,7 @@ def test_the_seed_mechanism_audited_gives_a_bound_at_or_below_its_printed_epsilo
     assert audit["client"] == "alice" and audit["epsilon"] == results["epsilon"]["alice"]
     assert 0 <= audit["epsilon_lower_bound"] <= audit["epsilon"]
     assert (audit["canaries"], audit["guesses"], audit["confidence"], audit["method"]) == (1000, 100, 0.95, "one_run")
-    assert "must not be released" in audit["note"]
+    assert "must not be released" in audit["note"] and "no client record is read" in audit["computed_from"]
     # the canaries were alice's records: her epsilon is that of 1,000 + 1,000 records
     assert json.loads((tmp_path / "privacy_report.json").read_text())["audit"] == audit
     assert json.loads((tmp_path / "results.json").read_text())["audit"] == audit
