@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fl_dp_lightning.audit.run import add_canaries, audit_model, check_audit, describe_audit
+from fl_dp_lightning.audit.run import OneRunAudit, check_audit, describe_audit
 from fl_dp_lightning.callbacks import FederatedLogger, FederatedProgressBar, RoundCheckpoint
 from fl_dp_lightning.config import Config, ConfigError, HardwareConfig, require
 from fl_dp_lightning.data import FederatedDataModule
@@ -158,6 +158,8 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
     progress_bar = conf.trainer.progress_bar and sys.stderr.isatty()  # no carriage-return noise in logs and pipes
     if progress_bar:
         callbacks.append(FederatedProgressBar())
+    if conf.audit.enabled:
+        callbacks.append(OneRunAudit(conf.audit))
     trainer = pl.Trainer(
         accelerator=conf.hardware.accelerator,
         devices=conf.hardware.devices,
@@ -203,10 +205,9 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     conf = to_config(cfg)
     run_dir = Path(run_dir)
     log_lightning_to_files()
+    check_audit(conf)
     trainer, module, datamodule = build(conf, run_dir)
     datamodule.setup("fit")  # the data origin, for the hyperparameters
-    check_audit(conf)
-    audited = add_canaries(conf.audit, datamodule) if conf.audit.enabled else None
     # logged before training, with the final metrics as placeholders that the values at the end replace
     final = {"final/test_acc": float("nan"), "final/epsilon_max": float("nan")}
     trainer.logger.log_hyperparams(run_hparams(conf, datamodule.data_origin), final)
@@ -235,11 +236,9 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
         "seconds_per_round": timer.seconds,
         "history": timer.history,
     }
-    if audited is not None:
-        client, canaries = audited
-        results["audit"] = audit_model(
-            conf.audit, canaries, module, client=client, epsilon=epsilons.get(client), delta=conf.privacy.delta
-        )
+    audit = next((cb for cb in trainer.callbacks if isinstance(cb, OneRunAudit)), None)
+    if audit is not None:
+        results["audit"] = audit.result(module, epsilon=epsilons.get(audit.client), delta=conf.privacy.delta)
         report_audit(results["audit"], trainer, run_dir / "privacy_report.json")
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))

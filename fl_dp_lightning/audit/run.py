@@ -1,15 +1,18 @@
-"""The audit as ``train.py`` runs it: canaries into one client's records before training, after training a
-lower bound from the released global model, reported beside that client's printed epsilon."""
+"""The audit as a Lightning callback (``train.py``'s ``audit=``): canaries among one client's records before
+training, after training a lower bound from the released global model, beside that client's printed epsilon."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
-from torch import nn
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
 
 from fl_dp_lightning.audit.bounds import one_run_lower_bound
 from fl_dp_lightning.audit.canaries import Canaries, canary_scores, draw_canaries, guess, with_canaries
+from fl_dp_lightning.audit.dirac import DiracCanaries, draw_dirac_canaries
 from fl_dp_lightning.config import AuditConfig, Config, ConfigError, require
 
 NOT_FOR_RELEASE = (
@@ -35,6 +38,13 @@ def check_audit(conf: Config) -> None:
         "each process would draw its own canaries: audit in one process (hardware=cpu or hardware=gpu)",
     )
     require(
+        conf.audit.canary == "input" or conf.client.runtime != "syft",
+        "audit.canary",
+        conf.audit.canary,
+        "Dirac canaries join the steps inside a client's engine, which a PySyft datasite runs out of reach: use "
+        "audit.canary=input with client.runtime=syft",
+    )
+    require(
         conf.trainer.ckpt_path is None,
         "audit.method",
         conf.audit.method,
@@ -43,13 +53,13 @@ def check_audit(conf: Config) -> None:
 
 
 def add_canaries(audit: AuditConfig, datamodule: Any, seed: int | None = None) -> tuple[str, Canaries]:
-    """Adds the canaries to the audited client's training records (``datamodule`` set up); returns the client and
-    the canaries, whose coins stay secret to the auditor. ``seed`` fixes the coins (tests only)."""
-    client = audit.client or next(iter(datamodule.client_datasets))
-    if client not in datamodule.client_datasets:
-        raise ConfigError(f"audit.client={client!r}: no such client; choose one of {list(datamodule.client_datasets)}")
+    """Adds input canaries to the audited client's training records (``datamodule`` set up); returns the client
+    and the canaries, whose coins stay secret to the auditor. ``seed`` fixes the coins (tests only)."""
+    client = audited_client(audit, list(datamodule.client_datasets))
     if datamodule.num_classes is None:
-        raise ConfigError(f"audit.method={audit.method}: the canaries need integer class labels; set audit=none")
+        raise ConfigError(
+            f"audit.canary={audit.canary}: input canaries need integer class labels; set audit.canary=dirac"
+        )
     records, public = datamodule.client_datasets[client], datamodule.test_set
     # scaled like the shared public set: no statistic of the client's own records enters the audit's output
     like = torch.stack([public[i][0] for i in range(min(len(public), 256))])
@@ -58,28 +68,79 @@ def add_canaries(audit: AuditConfig, datamodule: Any, seed: int | None = None) -
     return client, canaries
 
 
-def audit_model(
-    audit: AuditConfig, canaries: Canaries, model: nn.Module, *, client: str, epsilon: float | None, delta: float
-) -> dict[str, Any]:
-    """The one-run audit of the released ``model``: its guesses, right guesses and lower bound at ``delta``,
-    beside ``client``'s printed ``epsilon`` (``None``: no DP)."""
-    slots, guesses = guess(canary_scores(model, canaries), audit.guesses)
-    correct = int((canaries.coins[slots] == guesses).sum())
-    bound = one_run_lower_bound(len(canaries), audit.guesses, correct, delta, audit.confidence)
-    return {
-        "method": audit.method,
-        "client": client,
-        "epsilon_lower_bound": bound,
-        "epsilon": epsilon,
-        "delta": delta,
-        "confidence": audit.confidence,
-        "canaries": len(canaries),
-        "guesses": audit.guesses,
-        "correct_guesses": correct,
-        "computed_from": "the released global model and the audit's own canaries and coins (scaled like the "
-        "public test set); no client record is read",
-        "note": NOT_FOR_RELEASE,
-    }
+def audited_client(audit: AuditConfig, clients: list[str]) -> str:
+    """The client the canaries join: ``audit.client``, or the first."""
+    client = audit.client or clients[0]
+    if client not in clients:
+        raise ConfigError(f"audit.client={client!r}: no such client; choose one of {clients}")
+    return client
+
+
+class OneRunAudit(Callback):
+    """The one-run audit of one client's record-level DP (Steinke, Nasr and Jagielski 2023) around a
+    ``Trainer(strategy=FederatedDPStrategy(...))`` fit: canaries join the client's records before its first
+    step, and :meth:`result` reads the released global model after the fit.
+
+    ``seed`` fixes the canaries and their coins (tests only: an auditor who knows the coins is no audit)."""
+
+    def __init__(self, audit: AuditConfig, seed: int | None = None):
+        self.audit, self.seed = audit, seed
+        self.client: str | None = None
+        """The audited client (known once the fit starts)."""
+        self.canaries: Canaries | DiracCanaries | None = None
+        self._initial: dict[str, Tensor] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.audit.canary == "input" and self.canaries is None:
+            self.client, self.canaries = add_canaries(self.audit, trainer.datamodule, self.seed)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.audit.canary != "dirac":
+            return
+        clients = trainer.strategy.clients
+        self.client = audited_client(self.audit, list(clients))
+        trained = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+        shapes = {name: p.shape for name, p in trained.items()}
+        total = sum(p.numel() for p in trained.values())
+        if self.audit.canaries > total:
+            raise ConfigError(
+                f"audit.canaries={self.audit.canaries}: Dirac canaries need a coordinate each and the module trains "
+                f"{total}; lower audit.canaries"
+            )
+        self.canaries = draw_dirac_canaries(self.audit.canaries, shapes, self.audit.canary_norm, seed=self.seed)
+        self._initial = {name: p.detach().clone() for name, p in trained.items()}  # the public global start
+        clients[self.client].canaries = self.canaries
+
+    def scores(self, model: nn.Module) -> Tensor:
+        """Each canary's score from the released ``model`` (high: coin true)."""
+        if isinstance(self.canaries, DiracCanaries):
+            return self.canaries.scores(self._initial, dict(model.named_parameters()))
+        return canary_scores(model, self.canaries)
+
+    def result(self, model: nn.Module, *, epsilon: float | None, delta: float) -> dict[str, Any]:
+        """The audit of the released ``model``: its guesses, right guesses and lower bound at ``delta``, beside
+        the audited client's printed ``epsilon`` (``None``: no DP)."""
+        audit = self.audit
+        slots, guesses = guess(self.scores(model), audit.guesses)
+        correct = int((self.canaries.coins[slots] == guesses).sum())
+        bound = one_run_lower_bound(len(self.canaries), audit.guesses, correct, delta, audit.confidence)
+        dirac = audit.canary == "dirac"
+        sources = "the released global model" + (" and the public initial one" if dirac else "")
+        scale = "" if dirac else " (scaled like the public test set)"
+        return {
+            "method": audit.method,
+            "canary": audit.canary,
+            "client": self.client,
+            "epsilon_lower_bound": bound,
+            "epsilon": epsilon,
+            "delta": delta,
+            "confidence": audit.confidence,
+            "canaries": len(self.canaries),
+            "guesses": audit.guesses,
+            "correct_guesses": correct,
+            "computed_from": f"{sources}, and the audit's own canaries and coins{scale}; no client record is read",
+            "note": NOT_FOR_RELEASE,
+        }
 
 
 def describe_audit(result: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ import torch
 from opacus.accountants import IAccountant
 from torch.utils.data import Dataset
 
+from fl_dp_lightning.audit.dirac import DiracCanaries
 from fl_dp_lightning.config import ClientOverride, ConfigError, PrivacyConfig
 from fl_dp_lightning.privacy.accountants import epsilon_of_history, epsilon_spent, make_accountant
 from fl_dp_lightning.privacy.randomness import NOISE_STREAM, SAMPLER_STREAM, stream_generator
@@ -43,6 +44,8 @@ class ClientState:
     """Whether the random streams come from the public run seed (then checkpoints carry their state)."""
     steps_taken: int = 0
     """Optimizer steps this client has made over all rounds (with or without privacy)."""
+    canaries: DiracCanaries | None = None
+    """An audit's Dirac canaries, which every step samples among this client's records (audit runs only)."""
 
     @property
     def num_examples(self) -> int:

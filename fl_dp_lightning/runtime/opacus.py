@@ -175,11 +175,27 @@ class OpacusRuntime:
         for p in self.optimizer.params:
             p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
 
-    def after_backward(self) -> None:
-        """Per-example gradients in float32 under mixed precision: clipping needs their norms exact."""
+    def after_backward(self, params: Mapping[str, Tensor], records: int) -> None:
+        """Per-example gradients in float32 under mixed precision: clipping needs their norms exact. An audit's
+        sampled Dirac canaries join the batch's ``records``: under DP as per-example gradients, which Opacus
+        clips, noises and accounts as any record's; without DP in the batch's gradient, as the loss reduces."""
         for p in self.optimizer.params if self.optimizer is not None else ():
             if isinstance(p.grad_sample, Tensor) and p.grad_sample.dtype in (torch.float16, torch.bfloat16):
                 p.grad_sample = p.grad_sample.float()
+        canaries = self.client.canaries if self.client is not None else None
+        if canaries is None:
+            return
+        included = canaries.sample(self.client.sample_rate)
+        trained = {name: params[name] for name in canaries.shapes}
+        if self.optimizer is not None:
+            rows = canaries.per_example(included, trained)
+            for name, p in trained.items():
+                p.grad_sample = torch.cat([p.grad_sample, rows[name]])
+            return
+        scale = 1 / max(records, 1) if self.privacy.loss_reduction == "mean" else 1.0
+        for name, grad in canaries.summed(included, trained).items():
+            p = trained[name]
+            p.grad = grad * scale if p.grad is None else p.grad + grad * scale
 
     def after_step(self, stepped: bool) -> None:
         """After each optimizer step: per-example gradients reach neither memory nor checkpoints."""

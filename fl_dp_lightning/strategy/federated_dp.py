@@ -144,6 +144,8 @@ class FederatedRounds(ServerSide, ReleaseRules, RunParts, ResumableRounds):
         self._average: Aggregate | None = None
         self._batch_idx = -1
         self._empty_batch = False
+        self._records = 0
+        """Records in the current batch."""
         self._padding = False
         self._relaid: list[Tensor] = []
         self.withheld_logs: set[str] = set()
@@ -376,7 +378,8 @@ class FederatedRounds(ServerSide, ReleaseRules, RunParts, ResumableRounds):
                 loop.failure = reason
         # a dropped client's remaining batches are skipped: no update, no noise, no accounting
         self._padding = self._padding or loop.failed
-        self._empty_batch = extract_batch_size(batch) == 0 or loop.failed
+        self._records = extract_batch_size(batch)
+        self._empty_batch = self._records == 0 or loop.failed
 
     def _begin_client(self, client: ClientState) -> None:
         self.lightning_module.load_state_dict(self._global_state)
@@ -426,9 +429,11 @@ class FederatedRounds(ServerSide, ReleaseRules, RunParts, ResumableRounds):
             return super().backward(closure_loss, optimizer, *args, **kwargs)
         if self._empty_batch and self._loop.optimizer is not None:
             self._loop.empty_backward()
-            return closure_loss
-        loss = super().backward(closure_loss, optimizer, *args, **kwargs)
-        self._loop.after_backward()
+            loss = closure_loss
+        else:
+            loss = super().backward(closure_loss, optimizer, *args, **kwargs)
+        if not self._padding:
+            self._loop.after_backward(dict(self.lightning_module.named_parameters()), self._records)
         return loss
 
     @override

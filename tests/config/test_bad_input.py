@@ -120,6 +120,8 @@ COMPOSE = [
     (["audit=one_run", "audit.guesses=2000"], "audit.guesses=2000: must be even, in \\[2, audit.canaries=1000\\]"),
     (["audit=one_run", "audit.confidence=1"], r"audit.confidence=1.0: must be in \(0, 1\)"),
     (["audit=one_run", "audit.canary_scale=0"], "audit.canary_scale=0.0: must be > 0"),
+    (["audit=one_run", "audit.canary=gradient"], "audit.canary='gradient': choose one of \\('dirac', 'input'\\)"),
+    (["audit=one_run", "audit.canary_norm=inf"], "audit.canary_norm=inf: must be > 0 and finite"),
     (["privacy.delta=[1"], "cannot parse the override"),
 ]
 
@@ -178,6 +180,9 @@ LOADED = [
     (["audit=one_run", f"trainer.ckpt_path={__file__}"], "cannot resume: drop trainer.ckpt_path"),
     (["audit=one_run", "hardware=multi_cpu"], "each process would draw its own canaries"),
     (["audit=one_run", "audit.client=carol"], "audit.client='carol': no such client; choose one of"),
+    (["audit=one_run", "audit.canary=input", "audit.client=carol"], "audit.client='carol': no such client"),
+    (["audit=one_run", "client.runtime=syft"], "audit.canary='dirac': Dirac canaries join the steps inside a client's engine"),
+    (["audit=one_run", "audit.canaries=100000"], "audit.canaries=100000: Dirac canaries need a coordinate each"),
 ]
 
 

@@ -326,6 +326,7 @@ class VectorizedClients:
             grads, losses, correct = self._sums(params, frozen, chunk, drawn, max_norm, shared=step == 0)
             sizes = torch.tensor([len(b) for b in drawn], device=self.device, dtype=loss_sums.dtype)
             loss_sums, correct_sums, records = loss_sums + losses, correct_sums + correct, records + sizes
+            grads = self._with_canaries(chunk, active, grads)
             if self.privacy.enabled:
                 grads = self._noised(chunk, active, grads, batch)
             else:
@@ -420,6 +421,29 @@ class VectorizedClients:
             )
             total = part if total is None else _add(total, part)
         return total
+
+    def _with_canaries(self, chunk: list[ClientState], active: list[bool], summed: dict[str, Tensor]) -> dict:
+        """An audit's sampled Dirac canaries added to their client's sum: clipped at the client's norm as its
+        records are (unclipped without DP)."""
+        summed = dict(summed)
+        for c, client in enumerate(chunk):
+            canaries = client.canaries
+            if not active[c] or canaries is None:
+                continue
+            included = canaries.sample(client.sample_rate)
+            like = {n: summed[n][c] for n in canaries.shapes}
+            if self.privacy.enabled:
+                rows = {n: g[None] for n, g in canaries.per_example(included, like).items()}
+                mask = torch.ones((1, len(included)), device=self.device)
+                added = {
+                    n: g[0] for n, g in clip_and_sum(rows, mask, self._per_client([client], "max_grad_norm")).items()
+                }
+            else:
+                added = canaries.summed(included, like)
+            for name, canary_sum in added.items():
+                summed[name] = summed[name].clone()
+                summed[name][c] += canary_sum
+        return summed
 
     def _per_client(self, chunk: list[ClientState], attribute: str) -> Tensor:
         return torch.tensor([float(getattr(c, attribute)) for c in chunk], device=self.device)
