@@ -238,7 +238,11 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     }
     audit = next((cb for cb in trainer.callbacks if isinstance(cb, OneRunAudit)), None)
     if audit is not None:
-        results["audit"] = audit.result(module, epsilon=epsilons.get(audit.client), delta=conf.privacy.delta)
+        if strategy.user_level is None:
+            printed, delta = epsilons.get(audit.client), conf.privacy.delta
+        else:
+            printed, delta = results["user_epsilon"], conf.user_privacy.delta
+        results["audit"] = audit.result(module, epsilon=printed, delta=delta)
         report_audit(results["audit"], trainer, run_dir / "privacy_report.json")
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))

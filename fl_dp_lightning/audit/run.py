@@ -25,12 +25,19 @@ def check_audit(conf: Config) -> None:
     """Refuses, before training, the settings an audit run cannot measure."""
     if not conf.audit.enabled:
         return
-    require(
-        not conf.user_privacy.enabled,
-        "audit.method",
-        conf.audit.method,
-        "audits record-level DP-SGD; user-level DP needs canary clients, which are not built: set audit=none",
-    )
+    if conf.user_privacy.enabled:
+        require(
+            conf.audit.canary == "dirac",
+            "audit.canary",
+            conf.audit.canary,
+            "user-level DP is audited with canary clients, whose updates are Dirac: set audit.canary=dirac",
+        )
+        require(
+            not conf.secure_aggregation.enabled,
+            "audit.method",
+            conf.audit.method,
+            "canary clients hold no secure-aggregation masks: audit user-level DP with secure_aggregation=none",
+        )
     require(
         conf.hardware.devices * conf.hardware.num_nodes == 1,
         "audit.method",
@@ -86,7 +93,8 @@ class OneRunAudit(Callback):
     def __init__(self, audit: AuditConfig, seed: int | None = None):
         self.audit, self.seed = audit, seed
         self.client: str | None = None
-        """The audited client (known once the fit starts)."""
+        """The audited client (known once the fit starts); ``None`` under user-level DP, audited with canary
+        clients."""
         self.canaries: Canaries | DiracCanaries | None = None
         self._initial: dict[str, Tensor] = {}
 
@@ -97,8 +105,9 @@ class OneRunAudit(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.audit.canary != "dirac":
             return
-        clients = trainer.strategy.clients
-        self.client = audited_client(self.audit, list(clients))
+        strategy = trainer.strategy
+        if strategy.user_level is None:
+            self.client = audited_client(self.audit, list(strategy.clients))
         trained = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
         shapes = {name: p.shape for name, p in trained.items()}
         total = sum(p.numel() for p in trained.values())
@@ -109,7 +118,10 @@ class OneRunAudit(Callback):
             )
         self.canaries = draw_dirac_canaries(self.audit.canaries, shapes, self.audit.canary_norm, seed=self.seed)
         self._initial = {name: p.detach().clone() for name, p in trained.items()}  # the public global start
-        clients[self.client].canaries = self.canaries
+        if strategy.user_level is None:
+            strategy.clients[self.client].canaries = self.canaries
+        else:  # each canary a client of its own, present when its coin is true (add/remove adjacency)
+            strategy.canary_clients = self.canaries
 
     def scores(self, model: nn.Module) -> Tensor:
         """Each canary's score from the released ``model`` (high: coin true)."""
@@ -130,7 +142,7 @@ class OneRunAudit(Callback):
         return {
             "method": audit.method,
             "canary": audit.canary,
-            "client": self.client,
+            "client": self.client or "canary clients (user-level DP)",
             "epsilon_lower_bound": bound,
             "epsilon": epsilon,
             "delta": delta,

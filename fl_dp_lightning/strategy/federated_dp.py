@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 from typing_extensions import override
 
+from fl_dp_lightning.audit.dirac import DiracCanaries
 from fl_dp_lightning.callbacks import FederatedLogger
 from fl_dp_lightning.checkpoint import VerifiedCheckpointIO
 from fl_dp_lightning.config import (
@@ -115,6 +116,8 @@ class FederatedRounds(ServerSide, ReleaseRules, RunParts, ResumableRounds):
         """Under ``client.runtime=syft``, each client's :class:`~fl_dp_lightning.runtime.syft.clients.Datasite`
         (its ``owner`` client answers requests); kept after the run for inspection."""
         self.user_level: UserLevelDP | None = None
+        self.canary_clients: DiracCanaries | None = None
+        """An audit's canary clients under user-level DP (audit runs only)."""
         # under user-level DP who takes part is part of the mechanism: drawn secretly unless seeded by opt-in
         seeded = self.privacy.unsafe_seeded_randomness or not self.user_privacy.enabled
         self._sampling_seed = seed if seeded else secrets.randbits(62)

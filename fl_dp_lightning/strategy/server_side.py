@@ -64,7 +64,20 @@ class ServerSide:
         add_update(self._average, update, self._global_state, self.user_level)
         self.last_round.append(update.averaged())
 
+    def _add_canary_clients(self) -> None:
+        """An audit's canary clients under user-level DP: each present one (its coin true) taken with the clients'
+        sample rate, its update (one step of lr 1 on its Dirac gradient) clipped and added as any client's."""
+        canaries = self.canary_clients
+        sampled = canaries.sample(self.user_level.sample_rate)
+        for i in sampled[canaries.coins[sampled]].tolist():
+            step = canaries.summed(torch.tensor([i]), self._global_state)
+            params = {name: self._global_state[name] - grad for name, grad in step.items()}
+            update = ClientUpdate(f"canary-{i}", self.round_index + 1, params, num_examples=1, steps=1)
+            add_update(self._average, update, self._global_state, self.user_level)
+
     def _end_round(self) -> None:
+        if self.canary_clients is not None:
+            self._add_canary_clients()
         self.rounds_trained += 1
         self.rounds_run += 1
         self._combine_round()

@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import fl_dp_lightning.runtime.vectorized.dpsgd
 import fl_dp_lightning.runtime.vectorized.engine
+import fl_dp_lightning.server.user_level
 from fl_dp_lightning.cli import run
 
 from ..config.test_config import composed
@@ -104,4 +105,45 @@ def test_a_step_that_skips_clipping_while_the_noise_assumes_it_is_caught(tmp_pat
     monkeypatch.setattr(fl_dp_lightning.runtime.vectorized.dpsgd, "clip_factors", lambda norms, bound: norms * 0 + 1)
     broken = audited(tmp_path / "broken", *settings)
     assert broken["epsilon"] == pytest.approx(sound["epsilon"])
+    assert broken["epsilon_lower_bound"] > broken["epsilon"]
+
+
+# user-level DP, audited with canary clients: 100 clients of 20 records, each canary a client of its own
+USER = ("data=synthetic", "trainer.rounds=3", "audit=one_run", "privacy=none", "client.count=100")
+USER += ("trainer.batch_size=10", "user_privacy=dpfedavg", "user_privacy.clip=0.1")
+USER_SETTINGS = {
+    "fixed clip": (),
+    "adaptive clip": ("user_privacy.adaptive_clipping=true",),
+    "poisson clients, empty rounds": ("client.sampling=poisson", "client.fraction=0.02"),
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("setting", USER_SETTINGS)
+def test_user_level_dp_audited_with_canary_clients_stays_at_or_below_its_printed_epsilon(tmp_path, engine, setting):
+    results = run(composed(*USER, *USER_SETTINGS[setting], f"engine={engine}", "trainer.progress_bar=false"), tmp_path)
+    audit = results["audit"]
+    assert audit["client"] == "canary clients (user-level DP)" and audit["epsilon"] == results["user_epsilon"]
+    assert 0 <= audit["epsilon_lower_bound"] <= audit["epsilon"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_user_level_noise_accounted_but_not_added_is_caught(tmp_path, engine, monkeypatch):
+    settings = (*USER, "user_privacy.noise_multiplier=5", f"engine={engine}")
+    sound = audited(tmp_path / "sound", *settings)
+    assert sound["epsilon_lower_bound"] <= sound["epsilon"] < 2
+    noised_mean = fl_dp_lightning.server.user_level.noised_mean
+    monkeypatch.setattr(
+        fl_dp_lightning.server.user_level, "noised_mean", lambda summed, **k: noised_mean(summed, **k | {"clip": 0})
+    )
+    broken = audited(tmp_path / "broken", *settings)
+    assert broken["epsilon"] == pytest.approx(sound["epsilon"]) and broken["epsilon_lower_bound"] > broken["epsilon"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_user_level_updates_left_unclipped_while_the_noise_assumes_the_clip_are_caught(tmp_path, engine, monkeypatch):
+    settings = (*USER, "user_privacy.noise_multiplier=5", f"engine={engine}")
+    clip_update = fl_dp_lightning.server.user_level.clip_update
+    monkeypatch.setattr(fl_dp_lightning.server.user_level, "clip_update", lambda update, clip: clip_update(update, 1e9))
+    broken = audited(tmp_path, *settings)
     assert broken["epsilon_lower_bound"] > broken["epsilon"]

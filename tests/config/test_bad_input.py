@@ -176,12 +176,19 @@ LOADED = [
         "user_privacy.delta=1e-300: the pld accountant gives epsilon = inf",
     ),
     ("fashion", "train-images-idx3-ubyte.gz cannot be read"),
-    (["audit=one_run", "user_privacy=dpfedavg"], "audit.method='one_run': audits record-level DP-SGD"),
+    (["audit=one_run", "user_privacy=dpfedavg", "audit.canary=input"], "user-level DP is audited with canary clients"),
+    (
+        ["audit=one_run", "user_privacy=dpfedavg", "secure_aggregation=on"],
+        "audit.method='one_run': canary clients hold no secure-aggregation masks",
+    ),
     (["audit=one_run", f"trainer.ckpt_path={__file__}"], "cannot resume: drop trainer.ckpt_path"),
     (["audit=one_run", "hardware=multi_cpu"], "each process would draw its own canaries"),
     (["audit=one_run", "audit.client=carol"], "audit.client='carol': no such client; choose one of"),
     (["audit=one_run", "audit.canary=input", "audit.client=carol"], "audit.client='carol': no such client"),
-    (["audit=one_run", "client.runtime=syft"], "audit.canary='dirac': Dirac canaries join the steps inside a client's engine"),
+    (
+        ["audit=one_run", "client.runtime=syft"],
+        "audit.canary='dirac': Dirac canaries join the steps inside",
+    ),
     (["audit=one_run", "audit.canaries=100000"], "audit.canaries=100000: Dirac canaries need a coordinate each"),
 ]
 
