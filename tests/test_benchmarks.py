@@ -101,11 +101,14 @@ def test_frameworks_quick_runs_ours_plain_opacus_and_flower_each_in_its_own_proc
 
 def test_audit_quick_sets_each_lower_bound_beside_its_printed_epsilon(tmp_path):
     result = bench("audit.py", tmp_path / "audit.json", "--quick")
-    assert [r["setting"] for r in result["rows"]] == [
-        "seed workload, engine=opacus",
-        "synthetic, noise 20 accounted, none added (broken)",
+    assert [(r["setting"], r["method"]) for r in result["rows"]] == [
+        ("seed workload, Dirac canaries, engine=opacus", "one_run"),
+        ("synthetic, noise 20 accounted, none added (broken)", "one_run"),
+        ("many-run game: synthetic, no DP", "many_runs"),
     ]
-    for row in result["rows"]:
+    one_run, broken, many = result["rows"]
+    for row in (one_run, broken):
         assert 0 <= row["epsilon_lower_bound"] and 0 <= row["correct_guesses"] <= row["guesses"] == 10
-    assert result["table"][0].startswith("| setting | printed epsilon | lower bound")
+    assert many["guesses"] == 4 and many["epsilon"] is None and 0 <= many["correct_guesses"] <= 4
+    assert result["table"][0].startswith("| setting | method | printed epsilon | lower bound")
     assert (tmp_path / "audit.md").exists() and (tmp_path / "audit.png").exists()
