@@ -147,3 +147,25 @@ def test_user_level_updates_left_unclipped_while_the_noise_assumes_the_clip_are_
     monkeypatch.setattr(fl_dp_lightning.server.user_level, "clip_update", lambda update, clip: clip_update(update, 1e9))
     broken = audited(tmp_path, *settings)
     assert broken["epsilon_lower_bound"] > broken["epsilon"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_audit_drops_into_a_users_trainer_as_a_callback(synthetic, engine):
+    from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, PrivacyConfig
+    from fl_dp_lightning.audit import OneRunAudit
+    from fl_dp_lightning.config import AuditConfig
+
+    from ..conftest import make_trainer
+    from ..strategy.test_strategy import small_classifier
+
+    results = {}
+    for privacy in (PrivacyConfig(), PrivacyConfig(enabled=False)):
+        audit = OneRunAudit(AuditConfig(method="one_run", canaries=200, guesses=40, client="client_1"))
+        module = small_classifier()
+        datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=2, batch_size=20)
+        strategy = FederatedDPStrategy(privacy=privacy, engine=engine)
+        make_trainer(strategy, 3, callbacks=[audit]).fit(module, datamodule)
+        epsilon = strategy.epsilons()[audit.client]
+        results[privacy.enabled] = audit.result(module, epsilon=epsilon, delta=privacy.delta)
+    assert results[True]["client"] == "client_1" and 0 <= results[True]["epsilon_lower_bound"] <= results[True]["epsilon"]
+    assert results[False]["epsilon"] is None and results[False]["epsilon_lower_bound"] >= 1
