@@ -204,23 +204,29 @@ def main() -> None:
     print("\n".join(table))
     save_json(args.out, {**machine_info(), "rows": rows, "table": table})
     args.out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    plot(rows, settings, args.out.with_suffix(".png"))
+
+
+def plot(rows: list[dict], settings: list[str], path: Path) -> None:
+    """One line per setting: its bounds (dots) beside its printed epsilon (a bar), if matplotlib is there."""
     plt = pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(settings) + 1.2))
     for i, name in enumerate(settings):
         mine = [r for r in rows if r["setting"] == name]
-        ax.scatter([i] * len(mine), [r["epsilon_lower_bound"] for r in mine], color="tab:red", zorder=3)
+        ax.scatter([r["epsilon_lower_bound"] for r in mine], [i] * len(mine), color="tab:red", zorder=3)
         if mine[0]["epsilon"] is not None:
-            ax.hlines(min(mine[0]["epsilon"], 10), i - 0.3, i + 0.3, color="tab:blue", linewidth=3)
+            ax.vlines(mine[0]["epsilon"], i - 0.35, i + 0.35, color="tab:blue", linewidth=3)
     ax.scatter([], [], color="tab:red", label="empirical lower bound (each run or game)")
-    ax.plot([], [], color="tab:blue", linewidth=3, label="printed epsilon (accountant; shown up to 10)")
-    ax.set_xticks(range(len(settings)), [n.replace(", ", ",\n") for n in settings], fontsize=6)
-    ax.set_ylabel("epsilon")
-    ax.set_title(f"empirical audits, {statistics.mode(r['confidence'] for r in rows):.0%} confidence")
-    ax.legend(fontsize=8)
+    ax.plot([], [], color="tab:blue", linewidth=3, label="printed epsilon (accountant)")
+    ax.set_yticks(range(len(settings)), settings, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("epsilon")
+    ax.set_title(f"empirical audits, {statistics.mode(r['confidence'] for r in rows):.0%} confidence", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    save_figure(fig, args.out.with_suffix(".png"))
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
