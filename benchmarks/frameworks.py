@@ -38,6 +38,7 @@ from fl_dp_lightning.config import ClientConfig, DataConfig
 from fl_dp_lightning.data.datamodule import FederatedDataModule
 from fl_dp_lightning.models import seed_cnn
 from fl_dp_lightning.privacy.accountants import pld_epsilon
+from fl_dp_lightning.runtime.sampling import take_batch
 from fl_dp_lightning.server.aggregate import fedavg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,8 +66,8 @@ def initial_model() -> torch.nn.Module:
 
 
 def accuracy(model: torch.nn.Module, dataset) -> float:
-    """Top-1 accuracy of ``model`` on ``dataset``."""
-    x, y = dataset.tensors
+    """Top-1 accuracy of ``model`` on ``dataset`` (the data module's test records, which ``trainer.test`` reads)."""
+    x, y = take_batch(dataset, list(range(len(dataset))))
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean())
 

@@ -11,9 +11,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
-from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.models.resnet import ResNet
 
 from fl_dp_lightning.config import ConfigError
+from fl_dp_lightning.privacy.layers import OutOfPlaceBasicBlock
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 """The seed CNN's activations: ``tanh`` is the tempered sigmoid of Papernot et al. (2021), bounded, which keeps
@@ -53,18 +54,6 @@ def scatternet_linear(num_classes: int = 10, channels: int = 81, size: int = 7, 
         groups: GroupNorm groups (normalizes each record's own features, so DP-SGD's per-record bound holds).
     """
     return nn.Sequential(nn.GroupNorm(groups, channels), nn.Flatten(), nn.Linear(channels * size * size, num_classes))
-
-
-class OutOfPlaceBasicBlock(BasicBlock):
-    """torchvision's ResNet block with its residual added out of place.
-
-    Opacus's per-sample-gradient hooks cannot follow the stock block's in-place ``out += identity``.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + identity)
 
 
 def resnet18_groupnorm(num_classes: int = 10, in_channels: int = 3, groups: int = 32) -> ResNet:

@@ -1,4 +1,4 @@
-"""The strategy for projects written against the standalone ``pytorch_lightning`` package.
+"""The strategy and data module for projects written against the standalone ``pytorch_lightning`` package.
 
 ``lightning.pytorch`` and ``pytorch_lightning`` ship the same Trainer under two names whose classes do not mix:
 a ``pytorch_lightning.Trainer`` takes only ``pytorch_lightning`` strategies and modules. This is the same
@@ -7,17 +7,18 @@ a ``pytorch_lightning.Trainer`` takes only ``pytorch_lightning`` strategies and 
     import pytorch_lightning as pl
     from fl_dp_lightning.pytorch_lightning import FederatedDPStrategy
 
-    trainer = pl.Trainer(strategy=FederatedDPStrategy(), max_epochs=5)
-    trainer.fit(model, train_dataloaders=ClientDatasets({...}, batch_size=64), val_dataloaders=val_loader)
+    from fl_dp_lightning.pytorch_lightning import FederatedDataModule, FederatedDPStrategy
 
-(``FederatedDataModule`` is a ``lightning.pytorch`` data module: with ``pytorch_lightning``, return its
-``train_dataloader()`` from your own data module, or pass ``ClientDatasets`` as above.)
+    trainer = pl.Trainer(strategy=FederatedDPStrategy(), max_epochs=5)
+    trainer.fit(model, FederatedDataModule(clients=["alice", "bob"], batch_size=64))
 """
 
 from __future__ import annotations
 
+from pytorch_lightning import LightningDataModule
 from pytorch_lightning.strategies import SingleDeviceStrategy, StrategyRegistry
 
+from fl_dp_lightning.data.datamodule import FederatedDataModule as _DataModule
 from fl_dp_lightning.strategy.single_device import FederatedDPStrategy as _Strategy
 from fl_dp_lightning.strategy.single_device import SingleDeviceRounds
 
@@ -25,6 +26,10 @@ from fl_dp_lightning.strategy.single_device import SingleDeviceRounds
 class FederatedDPStrategy(SingleDeviceRounds, SingleDeviceStrategy):
     __doc__ = _Strategy.__doc__
     strategy_name = _Strategy.strategy_name
+
+
+class FederatedDataModule(_DataModule, LightningDataModule):
+    __doc__ = _DataModule.__doc__
 
 
 if FederatedDPStrategy.strategy_name not in StrategyRegistry:  # pytorch_lightning.Trainer(strategy="federated_dp")

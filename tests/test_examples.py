@@ -56,4 +56,5 @@ def test_lightning_cli_autoencoder_fits_and_predicts(tmp_path, monkeypatch):
     assert set(cli.trainer.strategy.epsilons()) == {f"client_{i}" for i in range(4)}
     assert torch.isfinite(cli.trainer.callback_metrics["val_loss"])
     reconstructions = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
-    assert torch.cat(reconstructions).shape == (500, 28 * 28)  # the shared test set, reconstructed
+    test_records = len(cli.datamodule.test_set)
+    assert torch.cat(reconstructions).shape == (test_records, 28 * 28) and test_records == 450  # 500 less validation

@@ -67,7 +67,7 @@ def add_canaries(audit: AuditConfig, datamodule: Any, seed: int | None = None) -
         raise ConfigError(
             f"audit.canary={audit.canary}: input canaries need integer class labels; set audit.canary=dirac"
         )
-    records, public = datamodule.client_datasets[client], datamodule.test_set
+    records, public = datamodule.client_datasets[client], datamodule.public_set
     # scaled like the shared public set: no statistic of the client's own records enters the audit's output
     like = torch.stack([public[i][0] for i in range(min(len(public), 256))])
     canaries = draw_canaries(audit.canaries, like, datamodule.num_classes, audit.canary_scale, seed=seed)
@@ -157,7 +157,7 @@ class OneRunAudit(Callback):
 
 def describe_audit(result: dict[str, Any]) -> str:
     """One line for the log."""
-    printed = "no DP" if result["epsilon"] is None else f"{result['epsilon']:.3g}"
+    printed = "(none: no DP)" if result["epsilon"] is None else f"{result['epsilon']:.3g}"
     return (
         f"audit ({result['method']}): empirical epsilon lower bound {result['epsilon_lower_bound']:.3g} for client "
         f"{result['client']!r} at {result['confidence']:.0%} confidence ({result['correct_guesses']} of "

@@ -20,7 +20,10 @@ class DataConfig:
     root: str = "data"
     """Directory for downloaded data sets (created on demand)."""
     eval_batch_size: int = 1024
-    """Examples per validation/test batch (no privacy cost: evaluation sees only the shared test set)."""
+    """Examples per validation/test batch (no privacy cost: evaluation sees only the shared public set)."""
+    validation_fraction: float = 0.1
+    """Share of the shared public set held out for validation (what EarlyStopping and ModelCheckpoint select
+    on), in (0, 1); the rest is the test set, read only by ``trainer.test``."""
     synthetic_train_size: int = 2000
     """Training examples of the ``synthetic`` source."""
     synthetic_test_size: int = 500
@@ -42,6 +45,12 @@ class DataConfig:
             "data.features",
             self.features,
             f"unknown features; choose one of {DATA_FEATURES}",
+        )
+        require(
+            0 < self.validation_fraction < 1,
+            "data.validation_fraction",
+            self.validation_fraction,
+            "must be in (0, 1), e.g. 0.1",
         )
         require(self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, "must be >= 1")
         require(

@@ -134,7 +134,10 @@ class FederatedDataModule(pl.LightningDataModule):
         synthetic_sizes: (train, test) sizes of the ``synthetic`` source.
         train: your own training set (split among ``clients``) or a mapping client name -> data set
             (already federated: used as is).
-        test: your own validation/test set (required with ``train``).
+        test: your own public evaluation set (required with ``train``), split into validation and test records.
+        validation_fraction: share of the public evaluation set held out as the validation set (what
+            ``validation_step``, EarlyStopping and ModelCheckpoint see), in (0, 1); the rest is the test set, which
+            only ``trainer.test`` reads.
         num_classes: with your own data sets, the classes of their integer labels (``None``: the test set's
             largest label + 1); training labels outside them are refused at load.
     """
@@ -150,6 +153,7 @@ class FederatedDataModule(pl.LightningDataModule):
         quantity_sigma: float = 1.0,
         drop_small_clients: bool = False,
         holdout_fraction: float = 0.0,
+        validation_fraction: float = 0.1,
         batch_size: int = 128,
         eval_batch_size: int = 1024,
         root: str = "data",
@@ -165,7 +169,13 @@ class FederatedDataModule(pl.LightningDataModule):
             raise ConfigError("pass both `train` and `test` data sets, or neither (then `source` is loaded)")
         names = list(train) if isinstance(train, Mapping) else self._names(clients)
         # validated by the same typed configs that train.py uses
-        DataConfig(name=source, root=root, eval_batch_size=eval_batch_size, features=features)
+        DataConfig(
+            name=source,
+            root=root,
+            eval_batch_size=eval_batch_size,
+            features=features,
+            validation_fraction=validation_fraction,
+        )
         ClientConfig(
             count=len(names),
             names=names,
@@ -182,6 +192,7 @@ class FederatedDataModule(pl.LightningDataModule):
         self.shards_per_client, self.quantity_sigma = shards_per_client, quantity_sigma
         self.drop_small_clients, self.holdout_fraction = drop_small_clients, holdout_fraction
         self.batch_size, self.eval_batch_size, self.root = batch_size, eval_batch_size, root
+        self.validation_fraction = validation_fraction
         self.seed, self.synthetic_sizes, self.features = seed, tuple(synthetic_sizes), features
         self.save_hyperparameters(ignore=["train", "test", "clients", "num_classes"])  # for the loggers
         self.hparams["clients"] = names
@@ -191,6 +202,12 @@ class FederatedDataModule(pl.LightningDataModule):
         self.client_datasets: dict[str, Dataset] = {}
         self.client_holdouts: dict[str, Dataset] = {}
         self.test_set: Dataset | None = None
+        """The public records only ``trainer.test`` reads."""
+        self.validation_set: Dataset | None = None
+        """The public records validation reads (held out from the evaluation set, disjoint from the test set)."""
+        self.public_set: Dataset | None = None
+        """The whole public evaluation set (validation and test records): the shape and scale of the data, for
+        the sensitivity probe and the audit's canaries."""
         self.num_classes: int | None = None
         """Classes of the integer labels: the source's, or read from the public test set (``None`` for other
         targets)."""
@@ -218,6 +235,7 @@ class FederatedDataModule(pl.LightningDataModule):
             holdout_fraction=client.holdout_fraction,
             batch_size=batch_size,
             eval_batch_size=data.eval_batch_size,
+            validation_fraction=data.validation_fraction,
             root=data.root,
             seed=seed,
             synthetic_sizes=(data.synthetic_train_size, data.synthetic_test_size),
@@ -233,7 +251,7 @@ class FederatedDataModule(pl.LightningDataModule):
         return load_synthetic(*self.synthetic_sizes, seed=self.seed)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.test_set is not None:
+        if self.public_set is not None:
             return
         if self._given is not None:
             train, self.test_set = self._given
@@ -261,7 +279,22 @@ class FederatedDataModule(pl.LightningDataModule):
         check_labels(self.client_datasets, self.num_classes)
         self.data_origin = origin
         self.hparams["data_origin"] = origin
-        rank_zero_info(f"Data: {origin}; {describe_sizes(self.client_sizes())}; test examples {len(self.test_set)}")
+        self._split_validation()
+        sizes = f"validation examples {len(self.validation_set)}, test examples {len(self.test_set)}"
+        rank_zero_info(f"Data: {origin}; {describe_sizes(self.client_sizes())}; {sizes}")
+
+    def _split_validation(self) -> None:
+        """Holds ``validation_fraction`` of the public evaluation set out as the validation set, by a split seeded
+        from the public seed alone (it reads no label)."""
+        if len(self.test_set) < 2:
+            raise ConfigError(
+                f"the public evaluation set holds {len(self.test_set)} record(s): validation and test need at "
+                "least one each; pass a larger test set"
+            )
+        test, validation = holdout_split(len(self.test_set), self.validation_fraction, self.seed * 7919 - 1)
+        self.public_set = self.test_set
+        self.test_set = Subset(self.public_set, test.tolist())
+        self.validation_set = Subset(self.public_set, validation.tolist())
 
     def _hold_out(self) -> None:
         """Keeps ``holdout_fraction`` of each client's records out of its training set, seeded per client."""
@@ -329,12 +362,12 @@ class FederatedDataModule(pl.LightningDataModule):
             self.client_datasets,
             self.batch_size,
             self.client_holdouts,
-            public=self.test_set,
+            public=self.public_set,
             num_classes=self.num_classes,
         )
 
     def val_dataloader(self) -> DataLoader:
-        return eval_loader(self.test_set, self.eval_batch_size)
+        return eval_loader(self.validation_set, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         return eval_loader(self.test_set, self.eval_batch_size)

@@ -1,19 +1,63 @@
 """Layers DP-SGD cannot train, and their replacements.
 
 BatchNorm normalises each record with statistics of its batch peers (so one record moves the others' gradients),
-and in-place activations break Opacus's per-sample-gradient hooks. The strategy refuses them by default, naming
-each layer once, or replaces them in place under ``privacy.fix_modules``; replacing a normalisation changes the
-model, so every replacement is logged with a warning.
+nn.LSTM, nn.GRU and nn.MultiheadAttention hide their weights from Opacus's hooks, and in-place operations (an
+activation's ``inplace=True``, torchvision ResNet's ``out += identity``) break them. The strategy refuses such
+layers by default, naming each layer once, or replaces them in place under ``privacy.fix_modules`` as Opacus's
+``ModuleValidator.fix`` does, keeping frozen layers frozen and pretrained affine weights; replacing a
+normalisation changes the model, so every replacement is logged with a warning.
 """
 
 from __future__ import annotations
 
 import re
 
+import torch
 from opacus.validators import ModuleValidator
-from torch import nn
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+class OutOfPlaceBasicBlock(BasicBlock):
+    """torchvision's ResNet block with its residual added out of place (the stock ``out += identity`` breaks
+    Opacus's per-sample-gradient hooks); the same weights, the same function."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class OutOfPlaceBottleneck(Bottleneck):
+    """torchvision's ResNet-50/101/152 block with its residual added out of place."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+OUT_OF_PLACE_BLOCKS = {BasicBlock: OutOfPlaceBasicBlock, Bottleneck: OutOfPlaceBottleneck}
+"""torchvision blocks whose forward adds in place, and their out-of-place twins."""
+
+RECURRENT = {nn.LSTM: "DPLSTM", nn.GRU: "DPGRU", nn.RNN: "DPRNN", nn.MultiheadAttention: "DPMultiheadAttention"}
+"""Layers whose weights Opacus's hooks cannot see, and the Opacus layer ``fix_modules`` puts in their place."""
+
+
+def fixes_for(module: nn.Module) -> str:
+    """What ``privacy.fix_modules`` would do to ``module``'s unsupported layers, in a few words each."""
+    kinds = {type(layer) for layer in module.modules()}
+    fixes = [f"{kind.__name__} becomes Opacus's {name}" for kind, name in RECURRENT.items() if kind in kinds]
+    if kinds & set(BATCH_NORMS):
+        fixes.append("BatchNorm becomes GroupNorm, see privacy.fix_norm")
+    if kinds & {nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d}:
+        fixes.append("InstanceNorm keeps no running statistics")
+    if in_place_layers(module) or kinds & set(OUT_OF_PLACE_BLOCKS):
+        fixes.append("in-place operations work out of place")
+    return "; ".join(fixes)
 
 
 def in_place_layers(module: nn.Module) -> list[str]:
@@ -64,11 +108,16 @@ def norm_replacement(layer: nn.Module, choice: str) -> nn.Module:
 
 def fix_layers(module: nn.Module, norm: str = "auto") -> list[str]:
     """Replaces, in place, BatchNorm (see :func:`norm_replacement`) and every other layer Opacus has a fixer for,
-    and turns in-place activations off. Returns one line per change."""
+    turns in-place activations off and torchvision's in-place residuals out of place. A replacement keeps what it
+    can of the layer: its affine weights and whether they train. Returns one line per change."""
     changes = []
     for name in in_place_layers(module):
         module.get_submodule(name).inplace = False
         changes.append(f"{name} no longer works in place")
+    for name, layer in module.named_modules():
+        if type(layer) in OUT_OF_PLACE_BLOCKS:
+            layer.__class__ = OUT_OF_PLACE_BLOCKS[type(layer)]  # the same weights; only forward differs
+            changes.append(f"{name or 'the module'} adds its residual out of place")
     for name, layer in list(module.named_modules()):
         fixer = ModuleValidator.FIXERS.get(type(layer))
         if fixer is None or not name:
@@ -76,6 +125,30 @@ def fix_layers(module: nn.Module, norm: str = "auto") -> list[str]:
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         replacement = norm_replacement(layer, norm) if isinstance(layer, BATCH_NORMS) else fixer(layer)
+        kept = _carry_over(layer, replacement)
         setattr(parent, child, replacement)
-        changes.append(f"replaced {name} ({type(layer).__name__}) with {replacement}")
+        changes.append(f"replaced {name} ({type(layer).__name__}) with {_short(replacement)}{kept}")
     return changes
+
+
+def _carry_over(layer: nn.Module, replacement: nn.Module) -> str:
+    """Copies a normalisation's affine weights into its replacement when their shapes agree, and freezes the
+    replacement's parameters if the layer's were frozen; says what it kept."""
+    old, new = dict(layer.named_parameters()), dict(replacement.named_parameters())
+    kept = ""
+    if {"weight", "bias"} <= old.keys() & new.keys() and all(old[k].shape == new[k].shape for k in ("weight", "bias")):
+        with torch.no_grad():
+            new["weight"].copy_(old["weight"])
+            new["bias"].copy_(old["bias"])
+        kept = ", its affine weights kept"
+    if old and not any(p.requires_grad for p in old.values()):
+        for p in new.values():
+            p.requires_grad_(False)
+        kept += ", frozen as it was"
+    return kept
+
+
+def _short(layer: nn.Module) -> str:
+    """A layer's one-line repr, or its class name where the repr runs over several lines."""
+    text = repr(layer)
+    return text if "\n" not in text else type(layer).__name__

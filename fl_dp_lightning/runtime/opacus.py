@@ -11,6 +11,7 @@ metrics are kept only where the privacy rules release them.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -22,12 +23,19 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from fl_dp_lightning.config import ConfigError, PrivacyConfig
-from fl_dp_lightning.privacy.layers import unsupported_layers
+from fl_dp_lightning.privacy.layers import fixes_for, unsupported_layers
 from fl_dp_lightning.privacy.per_example import ContiguousGradSampleModule
 from fl_dp_lightning.privacy.probe import check_sensitivity
 from fl_dp_lightning.runtime.client import ClientState
 from fl_dp_lightning.runtime.sampling import call_training_step
 from fl_dp_lightning.update import ClientUpdate
+
+
+@functools.cache
+def dp_optimizer_named(name: str) -> type[DPOptimizer]:
+    """Opacus's ``DPOptimizer`` under the user's optimizer's class name, by which LearningRateMonitor names its
+    curves (``lr-Adam``, not ``lr-DPOptimizer``)."""
+    return type(name, (DPOptimizer,), {"__doc__": DPOptimizer.__doc__, "__module__": DPOptimizer.__module__})
 
 
 class OpacusRuntime:
@@ -59,8 +67,8 @@ class OpacusRuntime:
         if unsupported:
             raise ConfigError(
                 f"{type(module).__name__} has layers DP-SGD cannot train: {unsupported} Fix: set "
-                "privacy.fix_modules=true (PrivacyConfig(fix_modules=True)) to replace them in place (BatchNorm "
-                "becomes GroupNorm, see privacy.fix_norm), or replace them in your module."
+                "privacy.fix_modules=true (PrivacyConfig(fix_modules=True)) to replace them in place "
+                f"({fixes_for(module)}), or replace them in your module."
             )
         # torch warns whenever a first layer's input needs no gradient, which is every batch here: Opacus's hooks
         # need only the layer's output gradients
@@ -69,7 +77,7 @@ class OpacusRuntime:
         self._grad_sample_module = ContiguousGradSampleModule(
             module, batch_first=True, loss_reduction=self.privacy.loss_reduction, strict=True
         )
-        self.optimizer = DPOptimizer(
+        self.optimizer = dp_optimizer_named(type(optimizer).__name__)(
             optimizer,
             noise_multiplier=self.privacy.noise_multiplier,
             max_grad_norm=self.privacy.max_grad_norm,
@@ -108,7 +116,8 @@ class OpacusRuntime:
             raise ConfigError(
                 "the module's forward modifies a layer's output in place (for example torchvision ResNet's "
                 "`out += identity`), which Opacus's per-sample-gradient hooks cannot follow; nothing was trained. "
-                "Fix: write it out of place (`out = out + identity`), e.g. fl_dp_lightning.models.resnet18_groupnorm()."
+                "Fix: privacy.fix_modules=true makes torchvision's ResNet blocks add out of place; elsewhere write "
+                "it out of place (`out = out + identity`)."
             ) from err
         finally:
             self._probing = False

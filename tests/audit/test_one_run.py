@@ -167,5 +167,6 @@ def test_the_audit_drops_into_a_users_trainer_as_a_callback(synthetic, engine):
         make_trainer(strategy, 3, callbacks=[audit]).fit(module, datamodule)
         epsilon = strategy.epsilons()[audit.client]
         results[privacy.enabled] = audit.result(module, epsilon=epsilon, delta=privacy.delta)
-    assert results[True]["client"] == "client_1" and 0 <= results[True]["epsilon_lower_bound"] <= results[True]["epsilon"]
+    private = results[True]
+    assert private["client"] == "client_1" and 0 <= private["epsilon_lower_bound"] <= private["epsilon"]
     assert results[False]["epsilon"] is None and results[False]["epsilon_lower_bound"] >= 1

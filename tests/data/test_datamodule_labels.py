@@ -24,5 +24,5 @@ def test_labels_within_the_classes_load_and_the_probe_gets_the_public_set(synthe
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
     assert loader.num_classes == int(synthetic.test.tensors[1].max()) + 1 == 10
-    assert loader.public is datamodule.test_set
+    assert loader.public is datamodule.public_set
     assert torch.equal(loader.public.tensors[0], synthetic.test.tensors[0])

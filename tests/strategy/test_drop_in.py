@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import resnet18
+from torchvision.models import resnet18, resnet50
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, PrivacyConfig
 from fl_dp_lightning.config import ConfigError
@@ -60,9 +60,12 @@ class ResNetModule(pl.LightningModule):
         super().__init__()
         self.net = net
 
+    def forward(self, x):
+        return self.net(x)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return F.cross_entropy(self.net(x), y)
+        return F.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -73,30 +76,75 @@ def tiny_clients(synthetic):
     return FederatedDataModule(train={"a": small[0], "b": small[1]}, test=synthetic.test, batch_size=8)
 
 
-def test_torchvision_resnet18_with_groupnorm_trains_a_dp_round(synthetic):
-    pl.seed_everything(0)
-    module = ResNetModule(resnet18_groupnorm(num_classes=10, in_channels=1))
+def test_resnet18_groupnorm_is_torchvisions_resnet18_with_every_norm_a_groupnorm():
+    net = resnet18_groupnorm(num_classes=10, in_channels=1)
     # every norm of ResNet-18: the stem, two per block (8 blocks), three in the downsample paths
-    assert sum(isinstance(m, nn.GroupNorm) for m in module.modules()) == 1 + 2 * 8 + 3
+    assert sum(isinstance(m, nn.GroupNorm) for m in net.modules()) == 1 + 2 * 8 + 3
+    assert (
+        sum(p.numel() for p in net.parameters())
+        == sum(p.numel() for p in resnet18(num_classes=10).parameters()) - 3 * 64 * 49 + 64 * 9
+    )
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_stock_torchvision_resnet18_trains_a_dp_round_under_fix_modules(synthetic):
+    pl.seed_everything(0)
+    net = resnet18(num_classes=10)
+    net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)  # the stock stem, one channel
+    module = ResNetModule(net)
     before = module.net.fc.weight.detach().clone()
-    strategy = FederatedDPStrategy()
+    strategy = FederatedDPStrategy(privacy=PrivacyConfig(fix_modules=True))
     make_trainer(strategy, 1, limit_val_batches=0).fit(module, tiny_clients(synthetic))
     assert not torch.equal(before, module.net.fc.weight)
     assert strategy.clients["a"].accountant.history == [(1.2, 0.25, 4)]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
 
 
-def test_stock_resnet18_is_refused_at_its_first_step_with_the_fix_and_spends_nothing(synthetic):
+def test_a_frozen_resnet50_backbone_stays_frozen_and_keeps_its_normalisation_weights(synthetic):
     pl.seed_everything(0)
-    net = resnet18(num_classes=10)
-    net.conv1 = nn.Conv2d(1, 64, kernel_size=3, padding=1, bias=False)
+    net = resnet50(num_classes=10)
+    net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    for name, param in net.named_parameters():  # fine-tuning: only the head trains, as BaseFinetuning leaves it
+        param.requires_grad_(name.startswith("fc."))
+    with torch.no_grad():
+        net.layer2[0].bn1.weight.uniform_(0.5, 1.5)
+    pretrained = net.layer2[0].bn1.weight.detach().clone()
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     module = ResNetModule(net)
+    backbone = net.layer4[2].conv3.weight.detach().clone()
+    strategy = FederatedDPStrategy(privacy=PrivacyConfig(fix_modules=True))
+    make_trainer(strategy, 1, limit_val_batches=0).fit(module, tiny_clients(synthetic))
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == trainable == {"fc.weight", "fc.bias"}
+    assert isinstance(net.layer2[0].bn1, nn.GroupNorm) and torch.equal(net.layer2[0].bn1.weight, pretrained)
+    assert torch.equal(net.layer4[2].conv3.weight, backbone)  # the frozen backbone did not move
+    assert strategy.clients["a"].accountant.history == [(1.2, 0.25, 4)]
+
+
+class InPlaceResidual(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(784, 784)
+        self.head = nn.Linear(784, 10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x = x.flatten(1)
+        out = self.inner(x)
+        out += x  # in place, as torchvision's ResNet blocks add their residual
+        return F.cross_entropy(self.head(out), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_an_in_place_residual_is_refused_at_the_probe_with_the_fix_and_spends_nothing(synthetic):
+    module = InPlaceResidual()
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    strategy = FederatedDPStrategy(privacy=PrivacyConfig(fix_modules=True))  # BatchNorm and ReLU get fixed
-    with pytest.raises(ValueError, match="out of place.*resnet18_groupnorm"):
+    strategy = FederatedDPStrategy(privacy=PrivacyConfig(fix_modules=True))
+    with pytest.raises(ValueError, match="out of place"):
         make_trainer(strategy, 1, limit_val_batches=0).fit(module, tiny_clients(synthetic))
-    assert isinstance(module.net.bn1, nn.GroupNorm)  # fixed in place before training
     assert all(c.accountant.history == [] for c in strategy.clients.values())
-    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items() if k in before)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
 
 
 def test_in_place_activations_are_refused_before_training_with_the_fix(synthetic):
