@@ -31,6 +31,7 @@ from fl_dp_lightning.audit.run import OneRunAudit, check_audit, describe_audit
 from fl_dp_lightning.callbacks import FederatedLogger, FederatedProgressBar, RoundCheckpoint
 from fl_dp_lightning.config import Config, ConfigError, HardwareConfig, require
 from fl_dp_lightning.data import FederatedDataModule
+from fl_dp_lightning.data.features import SCATTERNET_SHAPE
 from fl_dp_lightning.strategy import FederatedDPStrategy
 from fl_dp_lightning.strategy.distributed import DistributedFederatedDPStrategy
 
@@ -121,6 +122,36 @@ class RoundTimer(Callback):
         self.history.append(row | {"epsilon_max": max(epsilons, default=None)})
 
 
+def build_model(conf: Config) -> pl.LightningModule:
+    """The configured LightningModule, refused in one line where it cannot be built or cannot read the data's
+    features (checked on one zero input, before any data loads or features are computed)."""
+    from hydra.errors import InstantiationException
+
+    target = conf.model.get("_target_")
+    try:
+        module = instantiate(conf.model)
+    except InstantiationException as err:
+        if any(isinstance(e, ConfigError) for e in causes(err)):
+            raise
+        reason = " ".join(str(err).split()).split(", set env var HYDRA_FULL_ERROR")[0]
+        raise ConfigError(
+            f"model._target_={target!r}: {reason}; name an importable class (e.g. fl_dp_lightning.models.LitClassifier)"
+        ) from err
+    if not isinstance(module, pl.LightningModule):
+        raise ConfigError(f"model._target_={target!r}: must build a LightningModule")
+    if conf.data.features == "scatternet":
+        try:
+            with torch.no_grad():
+                module.eval()(torch.zeros(1, *SCATTERNET_SHAPE))
+        except Exception as err:  # the model reads pixels
+            raise ConfigError(
+                f"data.features=scatternet: the model cannot read {'x'.join(map(str, SCATTERNET_SHAPE))} ScatterNet "
+                f"features ({type(err).__name__}); use model=scatternet, or a model whose input matches"
+            ) from err
+        module.train()
+    return module
+
+
 def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, FederatedDataModule]:
     """The Trainer, module and data module of a run; nothing trains yet."""
     check_hardware(conf.hardware)
@@ -128,9 +159,7 @@ def build(conf: Config, run_dir: Path) -> tuple[pl.Trainer, pl.LightningModule, 
     datamodule = FederatedDataModule.from_config(
         conf.data, conf.client, batch_size=conf.trainer.batch_size, seed=conf.trainer.seed
     )
-    module = instantiate(conf.model)
-    if not isinstance(module, pl.LightningModule):
-        raise ConfigError(f"model._target_={conf.model.get('_target_')!r}: must build a LightningModule")
+    module = build_model(conf)
     federated = dict(
         privacy=conf.privacy,
         server=conf.server,

@@ -5,6 +5,7 @@ Neither knows anything of federation or privacy: the strategy does all of that.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -101,6 +102,13 @@ class LitClassifier(pl.LightningModule):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ConfigError(f"model.activation={activation!r}: choose one of {tuple(ACTIVATIONS)}")
+        for key, value, valid, rule in (
+            ("lr", lr, lambda v: 0 < v < math.inf, "must be a number > 0, e.g. 0.1"),
+            ("momentum", momentum, lambda v: 0 <= v < 1, "must be a number in [0, 1), e.g. 0.9"),
+            ("num_classes", num_classes, lambda v: v >= 2 and float(v).is_integer(), "must be an integer >= 2"),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+                raise ConfigError(f"model.{key}={value!r}: {rule}")
         self.save_hyperparameters(ignore=["net"])
         self.net = net if net is not None else seed_cnn(num_classes, activation)
         self.loss = nn.CrossEntropyLoss()

@@ -14,6 +14,8 @@ from fl_dp_lightning.config import ConfigError
 
 SCATTERING_SCALES = 2
 """J of the scattering transform: 28x28 images become 81 channels of 7x7 (Tramer and Boneh 2021)."""
+SCATTERNET_SHAPE = (81, 7, 7)
+"""The features of one 28x28 one-channel image, as every built-in source holds."""
 
 
 def scattering(images: Tensor, chunk: int = 2048) -> Tensor:

@@ -162,7 +162,7 @@ LOADED = [
         ["model._target_=collections.OrderedDict"],
         "model._target_='collections.OrderedDict': must build a LightningModule",
     ),
-    (["model.lr=nan"], "client 'alice' ended round 1 with non-finite weights"),
+    (["model.lr=nan"], "model.lr=nan: must be a number > 0"),  # refused before training, not after a round
     (["model.activation=sigmoid"], "model.activation='sigmoid': choose one of ('relu', 'tanh')"),
     (
         ["user_privacy=adaptive", "user_privacy.noise_multiplier=0.5", "user_privacy.count_noise=0.1"],
@@ -190,6 +190,11 @@ LOADED = [
         "audit.canary='dirac': Dirac canaries join the steps inside",
     ),
     (["audit=one_run", "audit.canaries=100000"], "audit.canaries=100000: Dirac canaries need a coordinate each"),
+    (["model.lr=-1"], "model.lr=-1: must be a number > 0"),
+    (["model.lr=abc"], "model.lr='abc': must be a number > 0"),
+    (["+model.momentum=-1"], "model.momentum=-1: must be a number in [0, 1)"),
+    (["model._target_=no.such.Module"], "model._target_='no.such.Module': Error locating target 'no.such.Module'"),
+    (["data.features=scatternet"], "data.features=scatternet: the model cannot read 81x7x7 ScatterNet features"),
 ]
 
 
