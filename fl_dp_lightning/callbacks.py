@@ -36,7 +36,14 @@ TENSORBOARD_LAYOUT = {
         "validation loss": ["Multiline", [r"val/loss.*"]],
     },
 }
-"""TensorBoard's CUSTOM SCALARS tab: epsilon per client and the global model's curves, one chart each."""
+"""TensorBoard's CUSTOM SCALARS tab: epsilon per client and the global model's curves, one chart each (see
+:func:`tensorboard_layout` for a run's own)."""
+
+
+def tensorboard_layout(user_level: bool) -> dict[str, dict[str, list]]:
+    """The CUSTOM SCALARS layout of a run: the user-level chart only where user-level DP is on (no empty chart)."""
+    privacy = {k: v for k, v in TENSORBOARD_LAYOUT["Privacy"].items() if user_level or k != "user-level epsilon"}
+    return {**TENSORBOARD_LAYOUT, "Privacy": privacy}
 
 
 def run_folder(trainer: pl.Trainer) -> Path:
@@ -157,7 +164,8 @@ class FederatedLogger(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
-                logger.experiment.add_custom_scalars(TENSORBOARD_LAYOUT)
+                layout = tensorboard_layout(federated_strategy(trainer).user_level is not None)
+                logger.experiment.add_custom_scalars(layout)
         if trainer.is_global_zero and federated_strategy(trainer).released_labels() is not None:
             self.log_class_counts(trainer)
 

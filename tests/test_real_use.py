@@ -293,6 +293,7 @@ def test_train_py_shows_every_setting_in_tensorboard_logs_rounds_to_train_log_an
     assert {m.name.tag for m in experiment.metric_infos} == {"final/test_acc", "final/epsilon_max"}
     layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     assert layout.category[0].title == "Privacy" and "privacy/epsilon/.*" in str(layout.category[0])
+    assert "user_epsilon" not in str(layout)  # no empty user-level chart in a run without user-level DP
 
 
 def test_the_privacy_table_in_the_log_summarises_many_clients():
@@ -363,3 +364,10 @@ def test_nothing_the_strategy_installs_outlives_the_fit_a_module_and_its_checkpo
     pickle.loads(pickle.dumps(module))
     trainer.save_checkpoint(tmp_path / "after.ckpt")
     assert torch.load(tmp_path / "after.ckpt", weights_only=False)["state_dict"].keys() == module.state_dict().keys()
+
+
+def test_the_user_level_chart_is_laid_out_only_for_runs_with_user_level_dp():
+    from fl_dp_lightning.callbacks import tensorboard_layout
+
+    assert "user-level epsilon" in tensorboard_layout(user_level=True)["Privacy"]
+    assert list(tensorboard_layout(user_level=False)["Privacy"]) == ["epsilon per client", "largest epsilon"]
