@@ -11,9 +11,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from torchvision.utils import save_image
-
-from fl_dp_lightning.data.class_counts import class_counts, counts_heatmap, counts_markdown
+from fl_dp_lightning.dashboard import counts_figure, round_table, tensorboard_layout
+from fl_dp_lightning.data.class_counts import class_counts, counts_markdown
 from fl_dp_lightning.privacy.report import SHOWN_CLIENTS, format_report, privacy_report
 from fl_dp_lightning.update import FederatedRun
 
@@ -23,27 +22,6 @@ def federated_strategy(trainer: pl.Trainer) -> FederatedRun:
     if not isinstance(trainer.strategy, FederatedRun):
         raise TypeError(f"this callback needs Trainer(strategy=FederatedDPStrategy(...)), got {trainer.strategy}")
     return trainer.strategy
-
-
-TENSORBOARD_LAYOUT = {
-    "Privacy": {
-        "epsilon per client": ["Multiline", [r"privacy/epsilon/.*"]],
-        "largest epsilon": ["Multiline", ["privacy/epsilon_max"]],
-        "user-level epsilon": ["Multiline", ["privacy/user_epsilon"]],
-    },
-    "Global model": {
-        "validation accuracy": ["Multiline", [r"val/acc.*"]],
-        "validation loss": ["Multiline", [r"val/loss.*"]],
-    },
-}
-"""TensorBoard's CUSTOM SCALARS tab: epsilon per client and the global model's curves, one chart each (see
-:func:`tensorboard_layout` for a run's own)."""
-
-
-def tensorboard_layout(user_level: bool) -> dict[str, dict[str, list]]:
-    """The CUSTOM SCALARS layout of a run: the user-level chart only where user-level DP is on (no empty chart)."""
-    privacy = {k: v for k, v in TENSORBOARD_LAYOUT["Privacy"].items() if user_level or k != "user-level epsilon"}
-    return {**TENSORBOARD_LAYOUT, "Privacy": privacy}
 
 
 def run_folder(trainer: pl.Trainer) -> Path:
@@ -63,6 +41,23 @@ def unused_path(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
     return candidate
+
+
+def logged_round(trainer: pl.Trainer) -> int:
+    """The round (0-based) that the global model now evaluated comes from: the one training in a fit, the last
+    one trained after it."""
+    fitting = trainer.state.fn == TrainerFn.FITTING
+    return trainer.current_epoch if fitting else max(trainer.current_epoch - 1, 0)
+
+
+def log_on_round_axis(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Puts the epoch-level values Lightning is about to log (validation, test, a round's training metrics) on the
+    round axis, the step of ``privacy/epsilon/*``, by logging Lightning's ``step`` key (Lightning logs on the
+    global step, which counts every client's batches, otherwise)."""
+    if not trainer.loggers:
+        return
+    # past the strategy's guard on training-stage logging: the round number is public
+    type(pl_module).log(pl_module, "step", float(logged_round(trainer)), on_step=False, on_epoch=True, logger=True)
 
 
 def epsilon_text(strategy: Any, epsilon: float | None) -> str:
@@ -89,6 +84,10 @@ class FederatedLogger(Callback):
     client's accountant. Per-client training metrics (``train/<metric>/<client>``) are computed from private
     records without noise, so they are logged only without privacy or under
     ``privacy.unsafe_release_training_metrics``.
+
+    Validation, test and epoch-level training logs go on the same round axis (Lightning would put them on its
+    global step, which counts every client's batches). With TensorBoard, each round's values are also a table in
+    the TEXT tab (``round``), unsmoothed.
 
     At the end of training it writes the privacy report (JSON, see :mod:`fl_dp_lightning.privacy.report`) to
     ``report_path`` (default: ``privacy_report.json`` in the logger's run folder, ``Trainer.log_dir``, else in
@@ -123,6 +122,9 @@ class FederatedLogger(Callback):
         metrics = self.round_metrics(trainer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.current_epoch)
+            if isinstance(logger, TensorBoardLogger) and metrics and trainer.is_global_zero:
+                logger.experiment.add_text("round", round_table(metrics), global_step=trainer.current_epoch)
+        log_on_round_axis(trainer, pl_module)
         if "privacy/epsilon_max" in metrics:
             # past the strategy's guard on training-stage logging: epsilon is public, it comes from the accountant
             type(pl_module).log(
@@ -161,6 +163,12 @@ class FederatedLogger(Callback):
                 "privacy.unsafe_release_training_metrics=true"
             )
 
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_on_round_axis(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_on_round_axis(trainer, pl_module)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
@@ -177,15 +185,21 @@ class FederatedLogger(Callback):
             rank_zero_info("Class counts not shown: they need every client's data as a TensorDataset of integer labels")
             return
         counts = class_counts(labels)
-        table, image = counts_markdown(list(labels), counts), counts_heatmap(counts)
+        table, figure = counts_markdown(list(labels), counts), counts_figure(list(labels), counts)
         folder = run_folder(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "class_counts.md").write_text(table + "\n")
-        save_image(image, folder / "class_counts.png")
+        if figure is not None:
+            figure.savefig(folder / "class_counts.png", dpi=100)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("partition/class_counts", table)
-                logger.experiment.add_image("partition/class_counts", image)
+                if figure is not None:
+                    logger.experiment.add_figure("partition/class_counts", figure, close=False)
+        if figure is not None:
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
         shown = "\n".join(table.splitlines()[: SHOWN_CLIENTS + 2])
         more = f"\n... {len(labels) - SHOWN_CLIENTS} more" if len(labels) > SHOWN_CLIENTS else ""
         rank_zero_info(f"Records per class and client (all in {folder / 'class_counts.md'}):\n{shown}{more}")

@@ -28,8 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fl_dp_lightning.audit.run import OneRunAudit, check_audit, describe_audit
-from fl_dp_lightning.callbacks import FederatedLogger, FederatedProgressBar, RoundCheckpoint
+from fl_dp_lightning.callbacks import FederatedLogger, FederatedProgressBar, RoundCheckpoint, logged_round
 from fl_dp_lightning.config import Config, ConfigError, HardwareConfig, require
+from fl_dp_lightning.dashboard import log_hparams
 from fl_dp_lightning.data import FederatedDataModule
 from fl_dp_lightning.data.features import SCATTERNET_SHAPE
 from fl_dp_lightning.strategy import FederatedDPStrategy
@@ -237,9 +238,7 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     check_audit(conf)
     trainer, module, datamodule = build(conf, run_dir)
     datamodule.setup("fit")  # the data origin, for the hyperparameters
-    # logged before training, with the final metrics as placeholders that the values at the end replace
-    final = {"final/test_acc": float("nan"), "final/epsilon_max": float("nan")}
-    trainer.logger.log_hyperparams(run_hparams(conf, datamodule.data_origin), final)
+    log_hparams(trainer.logger, run_hparams(conf, datamodule.data_origin))  # its metric columns fill at the end
     trainer.fit(module, datamodule, ckpt_path=conf.trainer.ckpt_path)
     strategy: FederatedDPStrategy = trainer.strategy
     if strategy.rounds_trained and strategy.faults and not strategy.updates_added:
@@ -251,9 +250,11 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     test_metrics = trainer.test(module, datamodule, verbose=False)[0]
     timer = next(cb for cb in trainer.callbacks if isinstance(cb, RoundTimer))
     epsilons = strategy.epsilons()
-    final["final/test_acc"] = float(test_metrics.get("test/acc", float("nan")))
-    final["final/epsilon_max"] = max((eps for eps in epsilons.values() if eps is not None), default=float("nan"))
-    trainer.logger.log_metrics(final, step=trainer.global_step)
+    final = {"final/test_acc": float(test_metrics.get("test/acc", float("nan")))}
+    released = [eps for eps in epsilons.values() if eps is not None]
+    if released:
+        final["final/epsilon_max"] = max(released)
+    trainer.logger.log_metrics(final, step=logged_round(trainer))  # the round axis, at the last round
     results = {
         "data_origin": datamodule.data_origin,
         "rounds": strategy.rounds_trained,
@@ -281,9 +282,10 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
 def report_audit(audit: dict[str, Any], trainer: pl.Trainer, report_path: Path) -> None:
     """The audit's line in the log, its numbers in TensorBoard (``audit/*``) and its entry in the privacy report."""
     rank_zero_info(describe_audit(audit))
-    printed = float("nan") if audit["epsilon"] is None else audit["epsilon"]
-    bound = {"audit/epsilon_lower_bound": audit["epsilon_lower_bound"], "audit/epsilon": printed}
-    trainer.logger.log_metrics(bound, step=trainer.current_epoch)
+    bound = {"audit/epsilon_lower_bound": audit["epsilon_lower_bound"]}
+    if audit["epsilon"] is not None:
+        bound["audit/epsilon"] = audit["epsilon"]
+    trainer.logger.log_metrics(bound, step=logged_round(trainer))
     trainer.logger.finalize("success")  # written now: the run's last event file is closed after Lightning's
     if trainer.is_global_zero and report_path.exists():
         report = json.loads(report_path.read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -250,12 +251,16 @@ def test_large_client_counts_are_summarised_in_the_log():
     assert describe_sizes(sizes) == "1000 clients, examples per client min 10, median 510, max 1009"
 
 
-def test_train_py_shows_every_setting_in_tensorboard_logs_rounds_to_train_log_and_counts_rounds_trained(tmp_path):
+@pytest.mark.parametrize("engine", ["opacus", "vectorized"])
+def test_train_py_shows_every_setting_in_tensorboard_logs_rounds_to_train_log_and_counts_rounds_trained(
+    tmp_path, engine
+):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.custom_scalar import layout_pb2
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     from fl_dp_lightning.cli import run
+    from fl_dp_lightning.dashboard import PRIVACY_FIRST
 
     from .config.test_config import composed
 
@@ -268,6 +273,7 @@ def test_train_py_shows_every_setting_in_tensorboard_logs_rounds_to_train_log_an
             "trainer.batch_size=100",
             "privacy.max_epsilon=4",
             "trainer.progress_bar=false",
+            f"engine={engine}",
         )
         results = run(conf, tmp_path)
     finally:
@@ -279,17 +285,41 @@ def test_train_py_shows_every_setting_in_tensorboard_logs_rounds_to_train_log_an
     log = (tmp_path / "train.log").read_text()
     assert "[alice] round 1/4" in log and "Privacy report (accountant pld, replace-one adjacency)" in log
 
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
-    assert "hp_metric" not in events.Tags()["scalars"]
+    scalars = events.Tags()["scalars"]
+    assert "hp_metric" not in scalars and "epoch" not in scalars
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in scalars}
+    values = [e.value for tag in scalars for e in events.Scalars(tag)]
+    assert all(math.isfinite(v) for v in values)  # no placeholder points
+    # every per-round scalar on the round axis (0-based), the final numbers once at the last round
+    assert steps["val/acc"] == steps["val/loss"] == [0, 1]  # the third round trained no one and stopped the run
+    assert steps["privacy/epsilon/alice"] == steps["privacy/epsilon/bob"] == steps["privacy/epsilon_max"] == [0, 1, 2]
+    assert steps["final/test_acc"] == steps["final/epsilon_max"] == steps["test/acc"] == [2]
+    assert set(steps) <= {"val/acc", "val/loss", "test/acc", "test/loss", "final/test_acc", "final/epsilon_max"} | {
+        f"privacy/epsilon{s}" for s in ("/alice", "/bob", "_max")
+    }
+    # each round's values unsmoothed, as text: the logged epsilon at full precision
+    text = [t.tensor_proto.string_val[0].decode() for t in events.Tensors("round/text_summary")]
+    epsilon = events.Scalars("privacy/epsilon/alice")[-1].value
+    assert len(text) == 3 and f"| privacy/epsilon/alice | {epsilon:.6g} |" in text[-1]
+    assert epsilon == pytest.approx(results["epsilon"]["alice"], rel=1e-6)
     plugin = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(plugin["_hparams_/experiment"]).experiment
+    # TensorBoard shows columns by name (the first five ticked): the privacy settings sort first
+    shown = [info.display_name for info in sorted(experiment.hparam_infos, key=lambda info: info.name)][:5]
+    assert sorted(shown) == sorted(PRIVACY_FIRST) and PRIVACY_FIRST[:3] == (
+        "privacy.noise_multiplier",
+        "privacy.max_grad_norm",
+        "privacy.delta",
+    )
+    by_name = {info.name: info.display_name for info in experiment.hparam_infos}
     session = plugin_data_pb2.HParamsPluginData.FromString(plugin["_hparams_/session_start_info"]).session_start_info
-    hparams = {k: v.ListFields()[0][1] for k, v in session.hparams.items()}
+    hparams = {by_name[k]: v.ListFields()[0][1] for k, v in session.hparams.items()}
     assert hparams["privacy.noise_multiplier"] == 1.2 and hparams["privacy.max_grad_norm"] == 1.0
     assert hparams["privacy.delta"] == 1e-5 and hparams["privacy.accountant"] == "pld"
     assert hparams["client.count"] == 2 and hparams["client.partition"] == "iid" and hparams["trainer.rounds"] == 4
     assert hparams["data.origin"].startswith("synthetic")
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(plugin["_hparams_/experiment"]).experiment
     assert {m.name.tag for m in experiment.metric_infos} == {"final/test_acc", "final/epsilon_max"}
     layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     assert layout.category[0].title == "Privacy" and "privacy/epsilon/.*" in str(layout.category[0])
@@ -367,7 +397,7 @@ def test_nothing_the_strategy_installs_outlives_the_fit_a_module_and_its_checkpo
 
 
 def test_the_user_level_chart_is_laid_out_only_for_runs_with_user_level_dp():
-    from fl_dp_lightning.callbacks import tensorboard_layout
+    from fl_dp_lightning.dashboard import tensorboard_layout
 
     assert "user-level epsilon" in tensorboard_layout(user_level=True)["Privacy"]
     assert list(tensorboard_layout(user_level=False)["Privacy"]) == ["epsilon per client", "largest epsilon"]

@@ -1,4 +1,4 @@
-"""Every client's records per class: the pure table and picture, and when the logger releases them."""
+"""Every client's records per class: the pure table, the labelled picture, and when the logger releases them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fl_dp_lightning import FederatedDataModule, FederatedDPStrategy, PrivacyConfig
-from fl_dp_lightning.data.class_counts import IMAGE_HEIGHT, class_counts, counts_heatmap, counts_markdown
+from fl_dp_lightning.dashboard import counts_figure
+from fl_dp_lightning.data.class_counts import class_counts, counts_markdown
 
 from ..conftest import make_trainer
 from ..strategy.test_strategy import small_classifier
@@ -26,11 +27,14 @@ def test_counts_table_and_heat_map_follow_the_labels():
         "| b | 0 | 4 | 0 | 4 |",
         "| c | 0 | 0 | 0 | 0 |",
     ]
-    image = counts_heatmap(counts, cell_width=5)
-    rows = IMAGE_HEIGHT // 3
-    assert image.shape == (1, 3 * rows, 15)
-    assert image[0, rows, 5:10].eq(1).all() and image[0, rows, :5].eq(0).all()  # b: all of its records in class 1
-    assert image[0, 0, 0] == pytest.approx(2 / 3) and image[0, -1].eq(0).all()  # c holds nothing
+    figure = counts_figure(list(labels), counts)
+    heat, colour_bar = figure.axes
+    assert [t.get_text() for t in heat.get_yticklabels()] == ["a", "b", "c"]  # rows named by client
+    assert [t.get_text() for t in heat.get_xticklabels()] == ["0", "1", "2"] and heat.get_xlabel() == "class"
+    assert colour_bar.get_ylabel() == "share of the client's records"
+    shares = heat.images[0].get_array()
+    assert shares[1].tolist() == [0, 1, 0] and shares[0, 0] == pytest.approx(2 / 3) and shares[2].sum() == 0
+    assert [t.get_text() for t in heat.texts] == [str(v) for v in counts.flatten().tolist()]  # each cell's count
 
 
 def fit(synthetic, tmp_path, privacy):
@@ -49,7 +53,8 @@ def test_without_dp_the_counts_are_logged_as_text_table_and_picture(synthetic, t
     for line, (name, client) in zip(table[2:], strategy.clients.items()):
         expected = torch.bincount(client.dataset.tensors[1], minlength=10).tolist()
         assert line == f"| {name} | " + " | ".join(map(str, expected)) + f" | {sum(expected)} |"
-    assert Image.open(folder / "class_counts.png").size == (240, 4 * (IMAGE_HEIGHT // 4))  # width, height
+    width, height = Image.open(folder / "class_counts.png").size
+    assert width > 400 and height > 200  # a figure with its labels, not a bare tensor
     events = EventAccumulator(str(folder), size_guidance={"images": 1, "tensors": 1})
     events.Reload()
     assert "partition/class_counts" in events.Tags()["images"]
