@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
 from fl_dp_lightning.dashboard import counts_figure, round_table, tensorboard_layout
 from fl_dp_lightning.data.class_counts import class_counts, counts_markdown
 from fl_dp_lightning.privacy.report import SHOWN_CLIENTS, format_report, privacy_report

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+
 def class_counts(labels: Mapping[str, Tensor], num_classes: int | None = None) -> Tensor:
     """``[clients, classes]`` counts, in the order of ``labels`` (client name -> its integer labels)."""
     num_classes = num_classes or 1 + max(int(y.max()) for y in labels.values() if len(y))

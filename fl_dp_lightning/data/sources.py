@@ -93,6 +93,33 @@ def torchvision_split(cls: type, root: Path, train: bool, mean_std: tuple[float,
     return to_dataset(ds.data, ds.targets, mean_std)
 
 
+class DownloadFailed(Exception):
+    """A torchvision data set is not under its root and could not be downloaded."""
+
+
+def torchvision_source(cls: type, root: Path, mean_std: tuple[float, float]) -> DataSource:
+    """Both splits of torchvision's ``cls`` (MNIST, FashionMNIST) under ``root``, downloaded if missing.
+
+    Files that are there but cannot be read are a :class:`ConfigError` naming the folder (training on other data
+    would hide it); a failed download raises :class:`DownloadFailed`.
+    """
+    raw = root / cls.__name__ / "raw"
+    present = any(raw.glob("*ubyte*"))
+    try:
+        train = torchvision_split(cls, root, True, mean_std)
+        test = torchvision_split(cls, root, False, mean_std)
+    except (OSError, RuntimeError, ValueError) as err:  # torchvision raises RuntimeError when every mirror fails
+        if present:
+            raise ConfigError(
+                f"data.root={str(root)!r}: the {cls.__name__} files under {raw} cannot be read "
+                f"({type(err).__name__}: {err}); delete them to download again"
+            ) from err
+        raise DownloadFailed(
+            f"{cls.__name__} is not under {root} and could not be downloaded ({type(err).__name__}: {err})"
+        ) from err
+    return DataSource(train, test, f"torchvision {cls.__name__} at {root}")
+
+
 def load_mnist(root: str | Path = "data", seed: int = 0) -> DataSource:
     """MNIST from ``root`` (downloaded there if missing).
 
@@ -101,21 +128,11 @@ def load_mnist(root: str | Path = "data", seed: int = 0) -> DataSource:
     """
     from torchvision.datasets import MNIST
 
-    root = Path(root)
-    present = any((root / "MNIST" / "raw").glob("*ubyte*"))
     try:
-        train = torchvision_split(MNIST, root, True, MNIST_MEAN_STD)
-        test = torchvision_split(MNIST, root, False, MNIST_MEAN_STD)
-        return DataSource(train, test, f"torchvision MNIST at {root}")
-    except (OSError, RuntimeError, ValueError) as err:  # torchvision raises RuntimeError when every mirror fails
-        if present:  # the files are there but damaged: training on other data would hide it
-            raise ConfigError(
-                f"data.root={str(root)!r}: the MNIST files under {root / 'MNIST' / 'raw'} cannot be read "
-                f"({type(err).__name__}: {err}); delete them to download again"
-            ) from err
+        return torchvision_source(MNIST, Path(root), MNIST_MEAN_STD)
+    except DownloadFailed as err:
         message = (
-            f"MNIST is not under {root} and could not be downloaded ({type(err).__name__}: {err}). "
-            f"FALLING BACK to the 10,000 real MNIST test digits shipped with fl_dp_lightning, split "
+            f"{err}. FALLING BACK to the 10,000 real MNIST test digits shipped with fl_dp_lightning, split "
             f"{FALLBACK_TRAIN_SIZE} train / the rest test: numbers are not comparable "
             "with full-MNIST results. Put the MNIST files under data.root to train on the real set."
         )
@@ -145,9 +162,14 @@ def load_fashion_mnist(root: str | Path = "data", seed: int = 0) -> DataSource:
     from torchvision.datasets import FashionMNIST
 
     root = Path(root)
-    train = torchvision_split(FashionMNIST, root, True, FASHION_MNIST_MEAN_STD)
-    test = torchvision_split(FashionMNIST, root, False, FASHION_MNIST_MEAN_STD)
-    return DataSource(train, test, f"torchvision FashionMNIST at {root}")
+    try:
+        return torchvision_source(FashionMNIST, root, FASHION_MNIST_MEAN_STD)
+    except DownloadFailed as err:
+        raise ConfigError(
+            f"data.root={str(root)!r}: {err}; install Debian's dataset-fashion-mnist (apt-get install "
+            f"dataset-fashion-mnist), put the Fashion-MNIST files under {root / 'FashionMNIST' / 'raw'}, or choose "
+            "data=mnist or data=synthetic"
+        ) from None
 
 
 def load_synthetic(train_size: int = 2000, test_size: int = 500, seed: int = 0, num_classes: int = 10) -> DataSource:

@@ -45,13 +45,19 @@ def test_read_idx_refuses_a_file_that_is_not_idx(tmp_path):
         read_idx(truncated)
 
 
+def offline(name: str) -> type:
+    """A torchvision data set class whose download fails, as it does without network."""
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError(f"Error downloading {name}: no route to host")
+
+    return type(name, (), {"__init__": refuse})
+
+
 def test_mnist_falls_back_loudly_to_the_packaged_subset_when_download_fails(tmp_path, monkeypatch, caplog):
     import torchvision.datasets
 
-    def offline(*args, **kwargs):
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
-
-    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline("MNIST"))
     source = load_mnist(tmp_path, seed=0)
     assert [r.getMessage().count("FALLING BACK") for r in caplog.records if "FALLING" in r.getMessage()] == [1]
     assert "packaged MNIST" in source.origin
@@ -79,6 +85,33 @@ def test_damaged_mnist_files_are_refused_naming_the_folder_instead_of_falling_ba
         (raw / name).write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 20)  # a header, then a cut-off body
     with pytest.raises(ConfigError, match=f"data.root='{tmp_path}': the MNIST files under .* cannot be read"):
         load_mnist(tmp_path)
+
+
+def test_fashion_mnist_offline_without_the_debian_package_is_one_line_naming_the_fixes(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline("FashionMNIST"))
+    with pytest.raises(ConfigError) as refused:
+        load_fashion_mnist(tmp_path)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"data.root='{tmp_path}': FashionMNIST is not under")
+    assert "apt-get install dataset-fashion-mnist" in message and "data=synthetic" in message
+
+
+def test_damaged_fashion_mnist_files_are_refused_naming_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        (raw / name).write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 20)  # a header, then a cut-off body
+    with pytest.raises(ConfigError, match=f"the FashionMNIST files under {raw} cannot be read"):
+        load_fashion_mnist(tmp_path)
 
 
 @pytest.mark.skipif(not sources.DEBIAN_FASHION_MNIST.exists(), reason="apt package dataset-fashion-mnist absent")
