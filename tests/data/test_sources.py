@@ -73,16 +73,16 @@ def test_mnist_falls_back_loudly_to_the_packaged_subset_when_download_fails(tmp_
     assert len(torch.unique(y_train)) == 10
 
 
-def test_damaged_mnist_files_are_refused_naming_the_folder_instead_of_falling_back(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
+def write_damaged_files(raw: Path) -> None:
+    """The four files torchvision looks for, each a header and then a cut-off body."""
     raw.mkdir(parents=True)
-    for name in (
-        "train-images-idx3-ubyte",
-        "train-labels-idx1-ubyte",
-        "t10k-images-idx3-ubyte",
-        "t10k-labels-idx1-ubyte",
-    ):
-        (raw / name).write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 20)  # a header, then a cut-off body
+    for split in ("train", "t10k"):
+        for kind in ("images-idx3", "labels-idx1"):
+            (raw / f"{split}-{kind}-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 20)
+
+
+def test_damaged_mnist_files_are_refused_naming_the_folder_instead_of_falling_back(tmp_path):
+    write_damaged_files(tmp_path / "MNIST" / "raw")
     with pytest.raises(ConfigError, match=f"data.root='{tmp_path}': the MNIST files under .* cannot be read"):
         load_mnist(tmp_path)
 
@@ -102,14 +102,7 @@ def test_fashion_mnist_offline_without_the_debian_package_is_one_line_naming_the
 def test_damaged_fashion_mnist_files_are_refused_naming_the_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
     raw = tmp_path / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in (
-        "train-images-idx3-ubyte",
-        "train-labels-idx1-ubyte",
-        "t10k-images-idx3-ubyte",
-        "t10k-labels-idx1-ubyte",
-    ):
-        (raw / name).write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 20)  # a header, then a cut-off body
+    write_damaged_files(raw)
     with pytest.raises(ConfigError, match=f"the FashionMNIST files under {raw} cannot be read"):
         load_fashion_mnist(tmp_path)
 
