@@ -61,44 +61,75 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+RUN_OPTIONS = ("trainer.progress_bar", "trainer.log_every_n_steps", "trainer.ckpt_path", "hydra.")
+"""Overrides that change how a run is shown or stored, not what it trains: left out of labels and titles."""
+
+
+def settings(row: dict[str, Any]) -> list[str]:
+    """The overrides of ``row`` that are experimental settings (not :data:`RUN_OPTIONS`)."""
+    return [o for o in row["overrides"] if not o.lower().startswith(RUN_OPTIONS)]
+
+
 def shared_overrides(rows: list[dict[str, Any]]) -> set[str]:
-    """The overrides every one of ``rows`` has (compared in lower case: Hydra's sweeps write ``False``)."""
-    return set.intersection(*({o.lower() for o in r["overrides"]} for r in rows)) if rows else set()
+    """The settings every one of ``rows`` has (compared in lower case: Hydra's sweeps write ``False``)."""
+    return set.intersection(*({o.lower() for o in settings(r)} for r in rows)) if rows else set()
 
 
 def own(row: dict[str, Any], shared: set[str]) -> list[str]:
-    """The overrides of ``row`` beyond ``shared``: what labels its point."""
-    return [o for o in row["overrides"] if o.lower() not in shared]
+    """The settings of ``row`` beyond ``shared``: what labels its point."""
+    return [o for o in settings(row) if o.lower() not in shared]
 
 
-def draw(rows: list[dict[str, Any]], path: Path) -> bool:
-    """Accuracy against epsilon (log scale), each point labelled; runs without DP as dashed lines. False without
-    matplotlib."""
-    try:
-        import matplotlib
+def figure(rows: list[dict[str, Any]]) -> Any:
+    """Accuracy against epsilon (log scale, a tick at each run's epsilon), each point labelled with its own
+    settings, runs without DP as dashed lines, the settings every run shares as the title."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     private = sorted((r for r in rows if r["epsilon"] is not None), key=lambda r: r["epsilon"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if private:
         on_every_point = shared_overrides(private)
-        ax.plot([r["epsilon"] for r in private], [r["test_acc"] for r in private], "o-", label="DP")
-        for r in private:
-            label = " ".join(own(r, on_every_point))
-            ax.annotate(label, (r["epsilon"], r["test_acc"]), fontsize=7, xytext=(4, -10), textcoords="offset points")
+        epsilons = [r["epsilon"] for r in private]
+        ax.plot(epsilons, [r["test_acc"] for r in private], "o-", label="DP")
+        for i, r in enumerate(private):
+            last = i == len(private) - 1  # its label goes left of the point, inside the axes
+            ax.annotate(
+                " ".join(own(r, on_every_point)),
+                (r["epsilon"], r["test_acc"]),
+                fontsize=7,
+                xytext=(-4, 6) if last else (4, -10),
+                textcoords="offset points",
+                ha="right" if last else "left",
+            )
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ticks = sorted(set(epsilons))
+        ax.set_xticks(ticks, [f"{e:.3g}" for e in ticks], rotation=35, ha="right", fontsize=8)
+        ax.margins(x=0.15, y=0.15)
     on_every_run = shared_overrides(rows)
     for r in (r for r in rows if r["epsilon"] is None):
         ax.axhline(r["test_acc"], linestyle="--", color="gray", label=f"no DP ({' '.join(own(r, on_every_run))})")
-    shared = [o for o in rows[0]["overrides"] if o.lower() in on_every_run] if rows else []
+    shared = [o for o in settings(rows[0]) if o.lower() in on_every_run] if rows else []
     ax.set_title(textwrap.fill(" ".join(shared), 110), fontsize=7)  # what every run shares, once
     ax.set(xlabel="epsilon (largest client's)", ylabel="test accuracy")
     ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def draw(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Saves :func:`figure` to ``path``; False without matplotlib."""
+    try:
+        fig = figure(rows)
+    except ImportError:
+        return False
     fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
     return True
 
 
