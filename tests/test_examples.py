@@ -58,3 +58,59 @@ def test_lightning_cli_autoencoder_fits_and_predicts(tmp_path, monkeypatch):
     reconstructions = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
     test_records = len(cli.datamodule.test_set)
     assert torch.cat(reconstructions).shape == (test_records, 28 * 28) and test_records == 450  # 500 less validation
+
+
+# Four public Lightning projects, their modules in the published shape, only the strategy set (see each file's
+# docstring for the source and commit, and for the data that replaces their downloads).
+
+
+def test_lightning_tutorials_cifar10_baseline_trains_its_stock_torchvision_resnet18_under_fix_modules():
+    from torchvision.models.resnet import BasicBlock
+
+    trainer = load("cifar10_baseline").main(["--fast"])
+    module, strategy = trainer.lightning_module, trainer.strategy
+    assert set(strategy.epsilons()) == {"north", "south", "east"} and all(e > 0 for e in strategy.epsilons().values())
+    assert all(c.accountant.history == [(1.2, 0.5, 2)] for c in strategy.clients.values())  # 8 records, batch 4
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())  # GroupNorm in their place
+    assert sum(isinstance(m, BasicBlock) for m in module.modules()) == 8  # the blocks, now adding out of place
+    assert torch.isfinite(trainer.callback_metrics["test_acc"])
+
+
+def test_lightning_tutorials_datamodules_litmodel_without_batch_idx_learns_mnist():
+    assert load("datamodules_tutorial").main(["--fast"]) > 0.15  # chance is 0.1; 2 DP rounds at Adam's 2e-4
+
+
+def test_lightnings_lstm_demo_is_refused_for_its_carried_hidden_state_and_trains_once_it_starts_anew():
+    refused, epsilons = load("lightning_lstm").main(["--fast"])
+    assert "keeps state across calls in ['hidden[0]', 'hidden[1]']" in refused and "self.hidden = None" in refused
+    assert "\n" not in refused
+    assert set(epsilons) == {"ana", "ben", "cai"} and all(e > 0 for e in epsilons.values())
+
+
+def test_lightnings_fine_tuning_example_under_lightning_cli_keeps_its_resnet50_backbone_frozen(monkeypatch):
+    import lightning.pytorch as pl
+
+    monkeypatch.setenv("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    example = load("vision_fine_tuning")
+    pl.seed_everything(1234)  # the CLI's seed: the same initial weights
+    initial = example.TransferLearningModel()
+    cli = example.main(
+        [
+            "fit",
+            "--trainer.strategy=fl_dp_lightning.FederatedDPStrategy",
+            "--trainer.strategy.privacy.fix_modules=true",
+            "--trainer.max_epochs=1",
+            "--trainer.enable_progress_bar=false",
+            "--data.train_images=32",
+            "--data.image_size=32",
+            "--data.batch_size=4",
+        ]
+    )
+    module = cli.model
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable == [n for n, _ in initial.fc.named_parameters(prefix="fc")]  # the head only, as before DP
+    after, before = module.feature_extractor, initial.feature_extractor
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in after.modules())
+    assert all(torch.equal(after.get_parameter(n), p) for n, p in before.named_parameters())  # did not move
+    assert not torch.equal(module.fc[0].weight, initial.fc[0].weight)  # the head trained
+    assert set(cli.trainer.strategy.epsilons()) == {"client_0", "client_1"}

@@ -131,6 +131,29 @@ def fix_layers(module: nn.Module, norm: str = "auto") -> list[str]:
     return changes
 
 
+SHOWN_CHANGES = 4
+"""Up to this many changes a warning lists them all; beyond, it counts them by kind."""
+
+
+def describe_changes(changes: list[str]) -> str:
+    """The changes of :func:`fix_layers` for one warning: each, when few; else counted by kind, with an example
+    of each replacement's kind (every change goes to the log as well)."""
+    if len(changes) <= SHOWN_CHANGES:
+        return "; ".join(changes)
+    replaced = [c for c in changes if c.startswith("replaced ")]
+    residual = sum(c.endswith("adds its residual out of place") for c in changes)
+    in_place = sum(c.endswith("no longer works in place") for c in changes)
+    kinds = {}  # "BatchNorm2d -> GroupNorm, its affine weights kept, frozen as it was": count
+    for change in replaced:
+        old, new = change.split(" (", 1)[1].split(") with ", 1)
+        kind = f"{old} replaced by {new.split('(', 1)[0]}{new[new.find(', its') :] if ', its' in new else ''}"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    parts = [f"{n} {kind}" for kind, n in kinds.items()]
+    parts += [f"{residual} residual blocks add out of place"] * bool(residual)
+    parts += [f"{in_place} activations no longer in place"] * bool(in_place)
+    return f"{len(changes)} changes: " + "; ".join(parts) + " (each in the log)"
+
+
 def _carry_over(layer: nn.Module, replacement: nn.Module) -> str:
     """Copies a normalisation's affine weights into its replacement when their shapes agree, and freezes the
     replacement's parameters if the layer's were frozen; says what it kept."""

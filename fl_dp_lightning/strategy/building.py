@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 from fl_dp_lightning.config import ConfigError
 from fl_dp_lightning.data.datamodule import ClientDatasets, FederatedDataModule, RecordCount
 from fl_dp_lightning.privacy.calibration import calibrate_noise_multiplier
-from fl_dp_lightning.privacy.layers import fix_layers
+from fl_dp_lightning.privacy.layers import describe_changes, fix_layers
 from fl_dp_lightning.privacy.probe import probe_sizes, random_batch_like
 from fl_dp_lightning.runtime.sampling import same_format, take_batch
 from fl_dp_lightning.runtime.syft.clients import SyftClients
@@ -33,7 +33,9 @@ class RunParts:
         changes = fix_layers(self.lightning_module, self.privacy.fix_norm)
         if any(change.startswith("replaced") for change in changes):
             warnings.warn(
-                "privacy.fix_modules changed the model: " + "; ".join(changes) + ". Compare its accuracy without DP "
+                "privacy.fix_modules changed the model: "
+                + describe_changes(changes)
+                + ". Compare its accuracy without DP "
                 "(privacy=none) and try privacy.fix_norm=auto|groupnorm|layernorm|identity",
                 stacklevel=2,
             )
