@@ -9,7 +9,7 @@ SYFT_VENV ?= .venv-syft
 SYFT_PY := $(SYFT_VENV)/bin/python
 SYFT_STAMP := $(SYFT_VENV)/.installed-stamp
 
-.PHONY: train test syft-test docs bench bench-gpu bench-quick privacy-utility lint
+.PHONY: train test syft-test docs tb-screenshots bench bench-gpu bench-quick privacy-utility lint
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,6 +42,9 @@ $(DOCS_STAMP): $(STAMP)
 
 docs: $(DOCS_STAMP)  ## the documentation site (docs/ -> site/), warnings are errors
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+tb-screenshots: $(STAMP)  ## docs/images/tensorboard-*.png from two short runs, rendered in headless Chromium
+	$(PY) docs/tensorboard_screenshots.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/seed_round.py

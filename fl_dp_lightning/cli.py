@@ -239,6 +239,10 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     trainer, module, datamodule = build(conf, run_dir)
     datamodule.setup("fit")  # the data origin, for the hyperparameters
     log_hparams(trainer.logger, run_hparams(conf, datamodule.data_origin))  # its metric columns fill at the end
+    rank_zero_info(
+        f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}, then open "
+        "http://localhost:6006/#custom_scalars&_smoothingWeight=0 (epsilon per client, unsmoothed)"
+    )
     trainer.fit(module, datamodule, ckpt_path=conf.trainer.ckpt_path)
     strategy: FederatedDPStrategy = trainer.strategy
     if strategy.rounds_trained and strategy.faults and not strategy.updates_added:

@@ -284,6 +284,7 @@ def test_train_py_shows_every_setting_in_tensorboard_logs_rounds_to_train_log_an
     )  # the budget (4 > 3.47 after 2 rounds, 4.24 after 3) stopped it
     log = (tmp_path / "train.log").read_text()
     assert "[alice] round 1/4" in log and "Privacy report (accountant pld, replace-one adjacency)" in log
+    assert f"tensorboard --logdir {tmp_path / 'tensorboard'}, then open http://localhost:6006/#custom_scalars" in log
 
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
