@@ -52,13 +52,14 @@ def logged_round(trainer: pl.Trainer) -> int:
 
 
 def log_on_round_axis(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Puts the epoch-level values Lightning is about to log (validation, test, a round's training metrics) on the
-    round axis, the step of ``privacy/epsilon/*``, by logging Lightning's ``step`` key (Lightning logs on the
-    global step, which counts every client's batches, otherwise)."""
-    if not trainer.loggers:
+    """Puts the epoch-level values Lightning is about to log in a fit (validation, a round's training metrics) on
+    the round axis, the step of ``privacy/epsilon/*``, by logging Lightning's ``step`` key (Lightning logs on the
+    global step, which counts every client's batches, otherwise). Not in ``trainer.test``/``validate``, whose
+    returned metrics would carry it."""
+    if not trainer.loggers or trainer.state.fn != TrainerFn.FITTING:
         return
     # past the strategy's guard on training-stage logging: the round number is public
-    type(pl_module).log(pl_module, "step", float(logged_round(trainer)), on_step=False, on_epoch=True, logger=True)
+    type(pl_module).log(pl_module, "step", float(trainer.current_epoch), on_step=False, on_epoch=True, logger=True)
 
 
 def epsilon_text(strategy: Any, epsilon: float | None) -> str:
@@ -86,7 +87,7 @@ class FederatedLogger(Callback):
     records without noise, so they are logged only without privacy or under
     ``privacy.unsafe_release_training_metrics``.
 
-    Validation, test and epoch-level training logs go on the same round axis (Lightning would put them on its
+    Validation and epoch-level training logs in a fit go on the same round axis (Lightning would put them on its
     global step, which counts every client's batches). With TensorBoard, each round's values are also a table in
     the TEXT tab (``round``), unsmoothed.
 
@@ -165,9 +166,6 @@ class FederatedLogger(Callback):
             )
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        log_on_round_axis(trainer, pl_module)
-
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_on_round_axis(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -289,17 +289,25 @@ def test_train_py_shows_every_setting_in_tensorboard_logs_rounds_to_train_log_an
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     scalars = events.Tags()["scalars"]
-    assert "hp_metric" not in scalars and "epoch" not in scalars
+    assert "hp_metric" not in scalars
     steps = {tag: [e.step for e in events.Scalars(tag)] for tag in scalars}
     values = [e.value for tag in scalars for e in events.Scalars(tag)]
     assert all(math.isfinite(v) for v in values)  # no placeholder points
     # every per-round scalar on the round axis (0-based), the final numbers once at the last round
     assert steps["val/acc"] == steps["val/loss"] == [0, 1]  # the third round trained no one and stopped the run
     assert steps["privacy/epsilon/alice"] == steps["privacy/epsilon/bob"] == steps["privacy/epsilon_max"] == [0, 1, 2]
-    assert steps["final/test_acc"] == steps["final/epsilon_max"] == steps["test/acc"] == [2]
-    assert set(steps) <= {"val/acc", "val/loss", "test/acc", "test/loss", "final/test_acc", "final/epsilon_max"} | {
-        f"privacy/epsilon{s}" for s in ("/alice", "/bob", "_max")
-    }
+    assert steps["final/test_acc"] == steps["final/epsilon_max"] == [2] and len(steps["test/acc"]) == 1
+    assert "step" not in results["test"]  # the round axis stays out of what trainer.test returns
+    assert steps.get("epoch", [0]) == steps["test/acc"]  # Lightning's own epoch scalar, beside the test metrics only
+    assert set(steps) <= {
+        "val/acc",
+        "val/loss",
+        "test/acc",
+        "test/loss",
+        "final/test_acc",
+        "final/epsilon_max",
+        "epoch",
+    } | {f"privacy/epsilon{s}" for s in ("/alice", "/bob", "_max")}
     # each round's values unsmoothed, as text: the logged epsilon at full precision
     text = [t.tensor_proto.string_val[0].decode() for t in events.Tensors("round/text_summary")]
     epsilon = events.Scalars("privacy/epsilon/alice")[-1].value
