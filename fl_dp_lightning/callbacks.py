@@ -52,13 +52,12 @@ def logged_round(trainer: pl.Trainer) -> int:
 
 
 def log_on_round_axis(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Puts the epoch-level values Lightning is about to log in a fit (validation, a round's training metrics) on
-    the round axis, the step of ``privacy/epsilon/*``, by logging Lightning's ``step`` key (Lightning logs on the
-    global step, which counts every client's batches, otherwise). Not in ``trainer.test``/``validate``, whose
-    returned metrics would carry it."""
+    """Puts the validation values Lightning is about to log in a fit on the round axis, the step of
+    ``privacy/epsilon/*``, by logging Lightning's ``step`` key (Lightning logs on the global step, which counts
+    every client's batches, otherwise). :meth:`FederatedLogger.on_validation_end` takes the key back out of
+    ``callback_metrics`` before checkpoints name their files from it."""
     if not trainer.loggers or trainer.state.fn != TrainerFn.FITTING:
         return
-    # past the strategy's guard on training-stage logging: the round number is public
     type(pl_module).log(pl_module, "step", float(trainer.current_epoch), on_step=False, on_epoch=True, logger=True)
 
 
@@ -87,8 +86,8 @@ class FederatedLogger(Callback):
     records without noise, so they are logged only without privacy or under
     ``privacy.unsafe_release_training_metrics``.
 
-    Validation and epoch-level training logs in a fit go on the same round axis (Lightning would put them on its
-    global step, which counts every client's batches). With TensorBoard, each round's values are also a table in
+    Validation logs in a fit go on the same round axis (Lightning would put them on its global step, which
+    counts every client's batches). With TensorBoard, each round's values are also a table in
     the TEXT tab (``round``), unsmoothed.
 
     At the end of training it writes the privacy report (JSON, see :mod:`fl_dp_lightning.privacy.report`) to
@@ -126,7 +125,6 @@ class FederatedLogger(Callback):
             logger.log_metrics(metrics, step=trainer.current_epoch)
             if isinstance(logger, TensorBoardLogger) and metrics and trainer.is_global_zero:
                 logger.experiment.add_text("round", round_table(metrics), global_step=trainer.current_epoch)
-        log_on_round_axis(trainer, pl_module)
         if "privacy/epsilon_max" in metrics:
             # past the strategy's guard on training-stage logging: epsilon is public, it comes from the accountant
             type(pl_module).log(
@@ -167,6 +165,9 @@ class FederatedLogger(Callback):
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_on_round_axis(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.callback_metrics.pop("step", None)  # logged; checkpoint names keep counting global steps
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for logger in trainer.loggers:

@@ -410,3 +410,19 @@ def test_the_user_level_chart_is_laid_out_only_for_runs_with_user_level_dp():
 
     assert "user-level epsilon" in tensorboard_layout(user_level=True)["Privacy"]
     assert list(tensorboard_layout(user_level=False)["Privacy"]) == ["epsilon per client", "largest epsilon"]
+
+
+def test_validation_goes_on_the_round_axis_while_a_users_checkpoints_keep_counting_global_steps(synthetic, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from .conftest import RecordingLogger
+
+    logger = RecordingLogger()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)  # Lightning's default names: epoch=E-step=S
+    datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=2, batch_size=40)
+    strategy = FederatedDPStrategy(privacy=PrivacyConfig())
+    trainer = make_trainer(strategy, 2, logger=logger, callbacks=[checkpoint], enable_checkpointing=True)
+    trainer.fit(UnawareModule(), datamodule)
+    assert list(logger.series("my_acc")) == [0, 1]  # the module's validation log, per round
+    assert trainer.global_step > 2 and "step" not in trainer.callback_metrics
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt"))[-1] == f"epoch=1-step={trainer.global_step}.ckpt"

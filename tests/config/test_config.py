@@ -17,7 +17,11 @@ from fl_dp_lightning.config import Config, ConfigError, register_configs
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
-GROUPS = {group.name: sorted(p.stem for p in group.glob("*.yaml")) for group in CONF.iterdir() if group.is_dir()}
+GROUPS = {
+    group.name: sorted(p.stem for p in group.glob("*.yaml"))
+    for group in CONF.iterdir()
+    if group.is_dir() and group.name != "experiment"  # recipes, added with +experiment=
+}
 
 
 def composed(*overrides: str) -> Config:
@@ -69,6 +73,16 @@ def test_every_group_option_composes_and_builds(group, option, tmp_path, monkeyp
     assert type(trainer.strategy) is expected and trainer.num_devices == conf.hardware.devices
     assert trainer.strategy.privacy == conf.privacy and trainer.strategy.server == conf.server
     assert datamodule.client_names == conf.client.client_names()
+
+
+def test_the_cross_device_recipe_is_user_level_dp_over_thousands_of_sampled_clients():
+    conf = composed("+experiment=cross_device_fmnist")
+    assert (conf.data.name, conf.data.features, conf.engine.name) == ("fashion_mnist", "scatternet", "vectorized")
+    assert not conf.privacy.enabled and conf.user_privacy.enabled and conf.user_privacy.target_epsilon <= 3
+    assert conf.client.count >= 3000 and conf.user_privacy.delta < 1 / conf.client.count
+    assert (conf.client.sampling, conf.client.fraction, conf.client.partition) == ("poisson", 0.1, "dirichlet")
+    assert conf.server.optimizer == "fedavgm" and conf.model["net"]["_target_"].endswith("scatternet_linear")
+    assert composed("+experiment=cross_device_fmnist", "trainer.rounds=5").trainer.rounds == 5  # overridable
 
 
 def test_overrides_from_the_issue_compose():
