@@ -1,0 +1,139 @@
+"""Cross-device scale: seconds per round and peak memory of the vectorized engine at 1,000 / 10,000 / 100,000
+clients with 1 % and 10 % of them sampled per round, under user-level DP-FedAvg.
+
+Each cell is one ``train.py`` configuration run in its own process (peak memory, ru_maxrss, is then its own):
+synthetic 1x28x28 records, 10 per client, the seed CNN, Poisson client sampling, record-level DP off, user-level
+DP-FedAvg (noise 1.0, clip 0.3), the vectorized engine, ``--rounds`` rounds; seconds per round are the median
+after the first round. Memory per client is the slope of peak memory between client counts at the same sampling
+fraction, less the 31 KB of training records each client holds: what the engine keeps per client, which must not
+grow with the model (no model copy per client between rounds). Prints a table, saves JSON (a list of rows) and
+markdown (default benchmarks/results/cross_device.*).
+
+    python benchmarks/cross_device.py [--clients 1000 10000 100000] [--fractions 0.01 0.1] [--rounds 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from common import machine_info  # benchmarks/ is on sys.path when a benchmark runs as a script
+
+RECORDS_PER_CLIENT = 10
+RECORD_BYTES = 28 * 28 * 4 + 8  # a float32 image and an int64 label
+
+
+def overrides(clients: int, fraction: float, rounds: int) -> list[str]:
+    return [
+        "data=synthetic",
+        f"data.synthetic_train_size={clients * RECORDS_PER_CLIENT}",
+        "data.synthetic_test_size=500",
+        f"client.count={clients}",
+        "client.names=[]",
+        "client.sampling=poisson",
+        f"client.fraction={fraction}",
+        "privacy=none",
+        "user_privacy=dpfedavg",
+        "user_privacy.clip=0.3",
+        f"user_privacy.delta={min(1e-5, 0.1 / clients)}",
+        "engine=vectorized",
+        f"trainer.batch_size={RECORDS_PER_CLIENT}",
+        f"trainer.rounds={rounds}",
+        "trainer.progress_bar=false",
+    ]
+
+
+def one_cell(clients: int, fraction: float, rounds: int) -> dict:
+    """Trains one configuration in this process; its row."""
+    from fl_dp_lightning.cli import compose_overrides, run
+
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as run_dir:
+        results = run(compose_overrides(overrides(clients, fraction, rounds)), run_dir)
+    seconds = results["seconds_per_round"]
+    return {
+        "framework": "fl_dp_lightning (vectorized)",
+        "clients": clients,
+        "fraction": fraction,
+        "expected_clients_per_round": clients * fraction,
+        "seconds_per_round": statistics.median(seconds[1:] or seconds),
+        "first_round_seconds": seconds[0],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "user_epsilon": results["user_epsilon"],
+        "test_acc": results["test"]["test/acc"],
+    }
+
+
+def per_client_memory(rows: list[dict]) -> None:
+    """Adds ``memory_per_client_kb`` (the slope of peak memory from the next smaller client count at the same
+    fraction) and ``engine_memory_per_client_kb`` (less the client's records) to each row that has one."""
+    for row in rows:
+        smaller = [r for r in rows if r["fraction"] == row["fraction"] and r["clients"] < row["clients"]]
+        if smaller:
+            base = max(smaller, key=lambda r: r["clients"])
+            slope = (row["peak_rss_mb"] - base["peak_rss_mb"]) * 1024 / (row["clients"] - base["clients"])
+            row["memory_per_client_kb"] = slope
+            row["engine_memory_per_client_kb"] = slope - RECORDS_PER_CLIENT * RECORD_BYTES / 1024
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| clients | sampled per round | seconds per round | first round (s) | peak memory (MB) "
+        "| memory per client (KB) | of it, beyond its records (KB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        per_client = r.get("memory_per_client_kb")
+        engine = r.get("engine_memory_per_client_kb")
+        lines.append(
+            f"| {r['clients']:,} | {r['fraction']:.0%} ({r['expected_clients_per_round']:,.0f}) "
+            f"| {r['seconds_per_round']:.2f} | {r['first_round_seconds']:.2f} | {r['peak_rss_mb']:,.0f} "
+            f"| {'-' if per_client is None else f'{per_client:.1f}'} | {'-' if engine is None else f'{engine:.1f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="100 and 1,000 clients, 2 rounds: the outputs' form")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cross_device.json")
+    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: clients fraction rounds, print JSON
+    args = parser.parse_args()
+    if args.one:
+        clients, fraction, rounds = int(args.one[0]), float(args.one[1]), int(args.one[2])
+        print(json.dumps(one_cell(clients, fraction, rounds)))
+        return
+    clients, rounds = ([100, 1000], 2) if args.quick else (args.clients, args.rounds)
+    rows = []
+    for fraction in args.fractions:
+        for count in clients:
+            command = [sys.executable, __file__, "--one", str(count), str(fraction), str(rounds)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise SystemExit(f"error: {count} clients at {fraction}: {done.stderr[-2000:]}")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"{count} clients, fraction {fraction}: {rows[-1]['seconds_per_round']:.2f} s per round", flush=True)
+    per_client_memory(rows)
+    text = table(rows)
+    print(text)
+    machine = machine_info()
+    for row in rows:
+        row.update(rounds=rounds, records_per_client=RECORDS_PER_CLIENT, model="seed CNN", **machine)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2))  # a list of rows
+    args.out.with_suffix(".md").write_text(text + "\n")
+    print(f"saved {args.out}, {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
