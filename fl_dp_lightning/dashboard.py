@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 TENSORBOARD_LAYOUT = {
@@ -74,6 +75,7 @@ def _domain(value: bool | int | float | str) -> Any:
     return hp.RealInterval(float(value), float(value))
 
 
+@rank_zero_only  # other processes' loggers hold no event file
 def log_hparams(logger: TensorBoardLogger, params: Mapping[str, bool | int | float | str]) -> None:
     """``params`` in HPARAMS (privacy first) and in the logger's ``hparams.yaml``, without placeholder metrics: the
     metric columns fill when :data:`FINAL_METRICS` are logged at the end."""
