@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -30,7 +31,7 @@ RECORDS_PER_CLIENT = 10
 RECORD_BYTES = 28 * 28 * 4 + 8  # a float32 image and an int64 label
 
 
-def overrides(clients: int, fraction: float, rounds: int) -> list[str]:
+def overrides(clients: int, fraction: float, rounds: int, engine: str = "vectorized") -> list[str]:
     return [
         "data=synthetic",
         f"data.synthetic_train_size={clients * RECORDS_PER_CLIENT}",
@@ -43,23 +44,23 @@ def overrides(clients: int, fraction: float, rounds: int) -> list[str]:
         "user_privacy=dpfedavg",
         "user_privacy.clip=0.3",
         f"user_privacy.delta={min(1e-5, 0.1 / clients)}",
-        "engine=vectorized",
+        f"engine={engine}",
         f"trainer.batch_size={RECORDS_PER_CLIENT}",
         f"trainer.rounds={rounds}",
         "trainer.progress_bar=false",
     ]
 
 
-def one_cell(clients: int, fraction: float, rounds: int) -> dict:
+def one_cell(clients: int, fraction: float, rounds: int, engine: str = "vectorized") -> dict:
     """Trains one configuration in this process; its row."""
     from fl_dp_lightning.cli import compose_overrides, run
 
     warnings.filterwarnings("ignore")
     with tempfile.TemporaryDirectory() as run_dir:
-        results = run(compose_overrides(overrides(clients, fraction, rounds)), run_dir)
+        results = run(compose_overrides(overrides(clients, fraction, rounds, engine)), run_dir)
     seconds = results["seconds_per_round"]
     return {
-        "framework": "fl_dp_lightning (vectorized)",
+        "framework": f"fl_dp_lightning ({engine})",
         "clients": clients,
         "fraction": fraction,
         "expected_clients_per_round": clients * fraction,
@@ -69,6 +70,64 @@ def one_cell(clients: int, fraction: float, rounds: int) -> dict:
         "user_epsilon": results["user_epsilon"],
         "test_acc": results["test"]["test/acc"],
     }
+
+
+def flower_cell(clients: int, rounds: int) -> dict:
+    """The same round on Flower's simulation engine (default resources), in this process: ``clients`` SuperNodes,
+    each training every round, Flower's ``FedAvg`` under its server-side fixed-clipping DP wrapper (noise 1.0,
+    clip 0.3); seconds per round from the server's evaluation hook, which runs after each aggregation."""
+    import time
+
+    import torch
+    from flower_cross_device_app import app as client_app
+    from flwr.app import ArrayRecord, Context, MetricRecord
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+    from flwr.simulation import run_simulation
+
+    from fl_dp_lightning.models import seed_cnn
+
+    server_app, marks = ServerApp(), []
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        torch.manual_seed(0)
+        initial = ArrayRecord(seed_cnn().state_dict())
+
+        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            marks.append(time.perf_counter())  # round 0 is the initial model
+            return MetricRecord({})
+
+        fedavg = FedAvg(fraction_evaluate=0.0, min_train_nodes=clients, min_available_nodes=clients)
+        strategy = DifferentialPrivacyServerSideFixedClipping(
+            fedavg, noise_multiplier=1.0, clipping_norm=0.3, num_sampled_clients=clients
+        )
+        strategy.start(grid, initial, num_rounds=rounds, evaluate_fn=evaluate)
+
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=clients)
+    seconds = [b - a for a, b in zip(marks, marks[1:])]
+    if len(seconds) != rounds:
+        raise RuntimeError(f"Flower ran {len(seconds)} of {rounds} rounds (see the log above)")
+    return {
+        "framework": "Flower simulation",
+        "clients": clients,
+        "fraction": 1.0,
+        "expected_clients_per_round": clients,
+        "seconds_per_round": statistics.median(seconds[1:] or seconds),
+        "first_round_seconds": seconds[0],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def in_fresh_process(*args: str) -> dict:
+    """A row computed by this script in a new process (benchmarks/ on the PYTHONPATH, which Flower's workers
+    inherit)."""
+    here = Path(__file__).parent
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(here), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"error: {' '.join(args)}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def per_client_memory(rows: list[dict]) -> None:
@@ -100,6 +159,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def frameworks_table(rows: list[dict]) -> str:
+    """Seconds per round by clients per round, with Flower's time over ours."""
+    lines = ["| clients per round | framework | seconds per round | Flower's time / this one |", "|---|---|---|---|"]
+    for r in rows:
+        flower = next(f for f in rows if f["framework"] == "Flower simulation" and f["clients"] == r["clients"])
+        ratio = flower["seconds_per_round"] / r["seconds_per_round"]
+        lines.append(f"| {r['clients']:,} | {r['framework']} | {r['seconds_per_round']:.2f} | {ratio:.1f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1000, 10000, 100000])
@@ -107,24 +176,36 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="100 and 1,000 clients, 2 rounds: the outputs' form")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cross_device.json")
-    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # internal: clients fraction rounds, print JSON
+    parser.add_argument(
+        "--frameworks", type=int, nargs="*", help="clients per round to time beside Flower instead (e.g. 10 100 1000)"
+    )
+    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: clients fraction rounds engine
+    parser.add_argument("--flower", nargs=2, type=int, help=argparse.SUPPRESS)  # internal: clients rounds
     args = parser.parse_args()
     if args.one:
         clients, fraction, rounds = int(args.one[0]), float(args.one[1]), int(args.one[2])
-        print(json.dumps(one_cell(clients, fraction, rounds)))
+        print(json.dumps(one_cell(clients, fraction, rounds, args.one[3])))
         return
-    clients, rounds = ([100, 1000], 2) if args.quick else (args.clients, args.rounds)
+    if args.flower:
+        print(json.dumps(flower_cell(*args.flower)))
+        return
+    rounds = 2 if args.quick else args.rounds
     rows = []
-    for fraction in args.fractions:
-        for count in clients:
-            command = [sys.executable, __file__, "--one", str(count), str(fraction), str(rounds)]
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                raise SystemExit(f"error: {count} clients at {fraction}: {done.stderr[-2000:]}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"{count} clients, fraction {fraction}: {rows[-1]['seconds_per_round']:.2f} s per round", flush=True)
-    per_client_memory(rows)
-    text = table(rows)
+    if args.frameworks is not None:  # every client trains every round: Flower's simulation has no sampling to match
+        for count in args.frameworks or [10, 100, 1000]:
+            for engine in ("vectorized", "opacus"):
+                rows.append(in_fresh_process("--one", str(count), "1.0", str(rounds), engine))
+            rows.append(in_fresh_process("--flower", str(count), str(rounds)))
+            print(" | ".join(f"{r['framework']} {r['seconds_per_round']:.2f} s" for r in rows[-3:]), flush=True)
+        text = frameworks_table(rows)
+        args.out = args.out.with_name(args.out.stem + "_frameworks.json")
+    else:
+        for fraction in args.fractions:
+            for count in [100, 1000] if args.quick else args.clients:
+                rows.append(in_fresh_process("--one", str(count), str(fraction), str(rounds), "vectorized"))
+                print(f"{count} clients, fraction {fraction}: {rows[-1]['seconds_per_round']:.2f} s per round")
+        per_client_memory(rows)
+        text = table(rows)
     print(text)
     machine = machine_info()
     for row in rows:
