@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="a few examples, 1 round")
     args = parser.parse_args(argv)
-    size = 64 if args.fast else 2000
+    size, batch_size = (24, 4) if args.fast else (2000, 16)  # fast: small batches, a CPU test's time
     source = load_synthetic(size, 64)
-    data = FederatedDataModule(train=source.train, test=source.test, clients=["alice", "bob"], batch_size=16)
+    data = FederatedDataModule(train=source.train, test=source.test, clients=["alice", "bob"], batch_size=batch_size)
 
     pl.seed_everything(0)
     model = LitClassifier(resnet18_groupnorm(num_classes=10, in_channels=1), lr=0.05)
