@@ -259,6 +259,7 @@ def run(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     if released:
         final["final/epsilon_max"] = max(released)
     trainer.logger.log_metrics(final, step=logged_round(trainer))  # the round axis, at the last round
+    trainer.logger.experiment.flush()  # on disk when run() returns, as the event files' readers expect
     results = {
         "data_origin": datamodule.data_origin,
         "rounds": strategy.rounds_trained,
