@@ -177,7 +177,10 @@ class Datasite:
         is quoted only when ``quote_errors`` (it may quote private records)."""
         sy = self.sy
         argument = sy.ActionObject.from_obj(request).send(self.scientist)
-        result = getattr(self.scientist.code, self.function)(records=self.asset, request=argument)
+        try:
+            result = getattr(self.scientist.code, self.function)(records=self.asset, request=argument)
+        except sy.SyftException as err:  # the datasite's server failed: the client drops out of this round
+            result = err
         reply = result.get() if hasattr(result, "get") else result
         if not isinstance(reply, dict):
             message = first_line(reply) if quote_errors else "(message withheld: it may quote private data)"
