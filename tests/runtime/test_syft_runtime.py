@@ -344,7 +344,7 @@ def probe_run(port: int | None) -> dict:
 @needs_syft
 @pytest.mark.parametrize("port", [18251, None], ids=["loopback_servers", "in_process"])
 def test_with_loopback_servers_the_server_process_holds_no_record_and_cannot_reset_a_round_limit(port):
-    for attempt in range(2):  # PySyft 0.9.5's servers now and then fail a call: that client drops out, run again
+    for _attempt in range(2):  # PySyft 0.9.5's servers now and then fail a call: that client drops out, run again
         run = subprocess.run(
             [sys.executable, "-c", f"import json; from tests.runtime.test_syft_runtime import probe_run; "
              f"print('RESULT', json.dumps(probe_run({port})))"],
