@@ -48,6 +48,13 @@ class ClientOverride:
         )
 
 
+def rounds_per_epoch(fraction: float) -> int | None:
+    """The rounds of an epoch under ``client.sampling=epoch``: ``1 / fraction`` when it is a whole number (to
+    within 0.1 %), else ``None``."""
+    rounds = round(1 / fraction)
+    return rounds if rounds >= 1 and abs(rounds * fraction - 1) <= 1e-3 else None
+
+
 def client_override(name: str, value: Any) -> ClientOverride:
     """``value`` (a mapping from Hydra, or a :class:`ClientOverride`) as a checked :class:`ClientOverride`."""
     if isinstance(value, ClientOverride):
@@ -117,8 +124,9 @@ class ClientConfig:
     per_round: int | None = None
     """Clients per round, a count (replaces ``fraction`` for ``uniform`` sampling); ``null``: use ``fraction``."""
     sampling: str = "uniform"
-    """``uniform`` (a fixed number per round, without replacement) or ``poisson`` (each client independently,
-    so a round can have no client: it is skipped and logged)."""
+    """``uniform`` (a fixed number per round, without replacement), ``poisson`` (each client independently,
+    so a round can have no client: it is skipped and logged) or ``epoch`` (DP-FTRL's schedule: rounds come in
+    epochs of ``1 / fraction`` rounds and each client takes part in one round of each epoch, drawn for it alone)."""
     on_failure: str = "drop"
     """A client that raises during its round, or runs past ``time_limit_s``: ``drop`` it from that round (the
     others are averaged, its privacy spent stays counted, the event is logged and reported) or ``raise``."""
@@ -160,6 +168,12 @@ class ClientConfig:
         )
         require(
             self.sampling in CLIENT_SAMPLINGS, "client.sampling", self.sampling, f"choose one of {CLIENT_SAMPLINGS}"
+        )
+        require(
+            self.sampling != "epoch" or rounds_per_epoch(self.fraction) is not None,
+            "client.fraction",
+            self.fraction,
+            "with client.sampling=epoch it must be 1 / (rounds per epoch), e.g. 0.1 for epochs of 10 rounds",
         )
         require(
             self.per_round is None or (1 <= self.per_round <= self.count and self.sampling == "uniform"),

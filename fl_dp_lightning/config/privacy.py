@@ -12,6 +12,7 @@ from fl_dp_lightning.config.choices import (
     NORM_FIXES,
     RDP_CONVERSIONS,
     USER_ACCOUNTANTS,
+    USER_MECHANISMS,
 )
 from fl_dp_lightning.config.errors import ConfigError, require
 
@@ -181,6 +182,10 @@ class UserPrivacyConfig:
 
     enabled: bool = False
     """Clip each client's update and add noise at the server."""
+    mechanism: str = "dp_fedavg"
+    """``dp_fedavg`` (fresh noise every round; accounted with amplification by Poisson client sampling) or
+    ``dp_ftrl`` (tree-aggregated noise, restarted every epoch, with ``client.sampling=epoch``: needs no secret
+    client sampling; Kairouz et al. 2021)."""
     noise_multiplier: float = 1.0
     """Server noise standard deviation / clip norm (unitless, > 0); with adaptive clipping, the total of the
     update and count noise (Andrew et al.'s split)."""
@@ -216,6 +221,19 @@ class UserPrivacyConfig:
             "must be > 0 and finite",
         )
         require(0 < self.clip < math.inf, "user_privacy.clip", self.clip, "must be > 0 and finite")
+        require(
+            self.mechanism in USER_MECHANISMS,
+            "user_privacy.mechanism",
+            self.mechanism,
+            f"choose one of {USER_MECHANISMS}",
+        )
+        require(
+            not (self.mechanism == "dp_ftrl" and self.adaptive_clipping),
+            "user_privacy.adaptive_clipping",
+            self.adaptive_clipping,
+            "not accounted under user_privacy.mechanism=dp_ftrl (its count query would need noise of its own); "
+            "set a fixed user_privacy.clip",
+        )
         require(0 < self.delta < 1, "user_privacy.delta", self.delta, "must be in (0, 1), e.g. 1e-5")
         require(
             self.accountant in USER_ACCOUNTANTS,

@@ -110,10 +110,10 @@ class RunParts:
 
     def _make_user_level(self) -> UserLevelDP:
         check_user_delta(self.user_privacy, len(self.clients))
-        poisson = self.client_sampling == "poisson"
+        sampled = self.client_sampling in ("poisson", "epoch")
         user_level = UserLevelDP(
             self.user_privacy,
-            sample_rate=self.client_fraction if poisson else 1.0,
+            sample_rate=self.client_fraction if sampled else 1.0,
             num_clients=len(self.clients),
             seeded=self.privacy.unsafe_seeded_randomness,
             seed=self.seed,

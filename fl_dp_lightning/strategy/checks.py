@@ -21,6 +21,7 @@ from fl_dp_lightning.config import (
     SecureAggregationConfig,
     UserPrivacyConfig,
 )
+from fl_dp_lightning.config.client import rounds_per_epoch
 from fl_dp_lightning.privacy.accountants import epsilon_of_history
 from fl_dp_lightning.runtime.client import ClientState
 from fl_dp_lightning.server.user_level import UserLevelDP
@@ -52,10 +53,22 @@ def check_options(
         raise ConfigError(f"client_time_limit={client_time_limit}: must be > 0 seconds (or None)")
     if not 0 <= proximal_mu < math.inf:
         raise ConfigError(f"proximal_mu={proximal_mu}: must be >= 0 and finite")
-    if user_privacy.enabled and client_sampling == "uniform" and client_fraction < 1:
+    if client_sampling == "epoch" and rounds_per_epoch(client_fraction) is None:
         raise ConfigError(
-            f"client_fraction={client_fraction} with uniform client sampling: user-level DP is accounted for "
-            "Poisson client sampling; set client.sampling=poisson (or every client in every round)"
+            f"client_fraction={client_fraction} with client_sampling='epoch': must be 1 / (rounds per epoch), "
+            "e.g. 0.1 for epochs of 10 rounds"
+        )
+    ftrl = user_privacy.enabled and user_privacy.mechanism == "dp_ftrl"
+    if ftrl and client_sampling != "epoch":
+        raise ConfigError(
+            f"client_sampling={client_sampling!r} with user_privacy.mechanism=dp_ftrl: its accounting needs each "
+            "client in at most one round of each tree; set client.sampling=epoch"
+        )
+    if user_privacy.enabled and not ftrl and client_sampling != "poisson" and client_fraction < 1:
+        raise ConfigError(
+            f"client_fraction={client_fraction} with {client_sampling} client sampling: DP-FedAvg is accounted for "
+            "Poisson client sampling; set client.sampling=poisson (or every client in every round), or "
+            "user_privacy.mechanism=dp_ftrl with client.sampling=epoch"
         )
     if vectorized and client_time_limit is not None:
         raise ConfigError(

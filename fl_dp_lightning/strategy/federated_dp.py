@@ -118,8 +118,10 @@ class FederatedRounds(ServerSide, ReleaseRules, RunParts, ResumableRounds):
         self.user_level: UserLevelDP | None = None
         self.canary_clients: DiracCanaries | None = None
         """An audit's canary clients under user-level DP (audit runs only)."""
-        # under user-level DP who takes part is part of the mechanism: drawn secretly unless seeded by opt-in
+        # under DP-FedAvg who takes part is part of the mechanism: drawn secretly unless seeded by opt-in; DP-FTRL
+        # needs no secret schedule (and a resumed run must keep each client to its one round an epoch)
         seeded = self.privacy.unsafe_seeded_randomness or not self.user_privacy.enabled
+        seeded = seeded or self.user_privacy.mechanism == "dp_ftrl"
         self._sampling_seed = seed if seeded else secrets.randbits(62)
         self.server = server if server is not None else ServerConfig()
         self.server_state: dict[str, Tensor] = {}
@@ -275,8 +277,7 @@ class FederatedRounds(ServerSide, ReleaseRules, RunParts, ResumableRounds):
 
     def _full_plan(self, round_idx: int) -> RoundPlan:
         steps = {name: c.steps_per_round for name, c in self.clients.items()}
-        poisson = self.client_sampling == "poisson"
-        return plan_round(steps, self.client_fraction, round_idx, self._sampling_seed, poisson=poisson)
+        return plan_round(steps, self.client_fraction, round_idx, self._sampling_seed, sampling=self.client_sampling)
 
     def round_length(self) -> int | None:
         """Batches in every round, or ``None`` when it varies with the sampled clients."""
@@ -284,7 +285,7 @@ class FederatedRounds(ServerSide, ReleaseRules, RunParts, ResumableRounds):
         every_client = clients_per_round(len(self.clients), self.client_fraction) == len(self.clients)
         if self.privacy.enabled and self.privacy.max_epsilon is not None:
             return None  # clients over budget sit out
-        if self.client_sampling == "poisson":
+        if self.client_sampling != "uniform":
             return None  # a random number of clients each round
         if every_client or len(steps) == 1:
             return self._rank_round_length(self._full_plan(0))

@@ -18,7 +18,7 @@ def test_poisson_client_sampling_includes_each_client_at_its_rate_independently(
     rounds, q = 2000, 0.2
     chosen = torch.zeros(rounds, len(STEPS))
     for r in range(rounds):
-        for name in plan_round(STEPS, q, r, seed=7, poisson=True).clients:
+        for name in plan_round(STEPS, q, r, seed=7, sampling="poisson").clients:
             chosen[r, int(name[1:])] = 1
     # mean inclusion: std sqrt(q (1 - q) / (50 * 2000)) = 0.0013, so 0.01 is ~8 standard deviations
     assert float(chosen.mean()) == pytest.approx(q, abs=0.01)
@@ -43,8 +43,10 @@ def test_uniform_sampling_takes_exactly_the_count_each_round_and_every_client_eq
 def test_a_round_without_any_sampled_client_is_skipped_and_the_others_are_accounted(synthetic, caplog):
     names, q, rounds, seed = ["a", "b", "c"], 0.3, 6, 11
     steps = {n: 1 for n in names}
-    expected = {n: sum(n in plan_round(steps, q, r, seed, poisson=True).clients for r in range(rounds)) for n in names}
-    empty = [r for r in range(rounds) if not plan_round(steps, q, r, seed, poisson=True).clients]
+    expected = {
+        n: sum(n in plan_round(steps, q, r, seed, sampling="poisson").clients for r in range(rounds)) for n in names
+    }
+    empty = [r for r in range(rounds) if not plan_round(steps, q, r, seed, sampling="poisson").clients]
     assert empty, "the test's seed must leave a round without clients"
     datamodule = FederatedDataModule(train=synthetic.train, test=synthetic.test, clients=names, batch_size=40)
     strategy = FederatedDPStrategy(privacy=PrivacyConfig(), client_fraction=q, client_sampling="poisson", seed=seed)
