@@ -10,6 +10,12 @@ grow with the model (no model copy per client between rounds). Prints a table, s
 markdown (default benchmarks/results/cross_device.*).
 
     python benchmarks/cross_device.py [--clients 1000 10000 100000] [--fractions 0.01 0.1] [--rounds 3] [--quick]
+
+``--accuracy 1 3`` instead trains the cross-device recipe (``+experiment=cross_device_fmnist``, DP-FedAvg) and its
+DP-FTRL twin (``+experiment=cross_device_fmnist_ftrl``) at each user-level target epsilon, each a ``train.py``
+process whose run folder is kept under ``--runs`` (a finished point is read back, not trained again), and adds
+one row per point (``mechanism``, ``user_epsilon``, ``test_acc``) to the JSON beside the scale rows, with a
+markdown table and a plot (``cross_device_accuracy.*``).
 """
 
 from __future__ import annotations
@@ -169,6 +175,59 @@ def frameworks_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+RECIPES = {"dp_fedavg": "cross_device_fmnist", "dp_ftrl": "cross_device_fmnist_ftrl"}
+
+
+def accuracy_point(mechanism: str, epsilon: float, runs: Path) -> dict:
+    """The recipe of ``mechanism`` trained to user-level ``epsilon`` (read back when its run folder holds one)."""
+    folder = runs / f"{mechanism}-epsilon{epsilon:g}"
+    if not (folder / "results.json").exists():
+        command = [sys.executable, str(Path(__file__).parents[1] / "train.py"), f"+experiment={RECIPES[mechanism]}"]
+        command += [f"user_privacy.target_epsilon={epsilon}", "trainer.progress_bar=false", f"hydra.run.dir={folder}"]
+        subprocess.run(command, check=True, capture_output=True)
+    results = json.loads((folder / "results.json").read_text())
+    return {
+        "framework": "fl_dp_lightning (vectorized)",
+        "mechanism": mechanism,
+        "recipe": RECIPES[mechanism],
+        "clients": len(results["epsilon"]),
+        "rounds": results["rounds"],
+        "seconds_per_round": statistics.median(results["seconds_per_round"][1:]),
+        "target_epsilon": epsilon,
+        "user_epsilon": results["user_epsilon"],
+        "user_delta": results["user_delta"],
+        "test_acc": results["test"]["test/acc"],
+    }
+
+
+def accuracy_table(rows: list[dict]) -> str:
+    lines = [
+        "| mechanism | clients | rounds | user-level epsilon | test accuracy | seconds per round |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mechanism']} | {r['clients']:,} | {r['rounds']} | {r['user_epsilon']:.2f} | {r['test_acc']:.1%} "
+            f"| {r['seconds_per_round']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def accuracy_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3.5), layout="constrained")
+    for mechanism in RECIPES:
+        points = sorted((r["user_epsilon"], r["test_acc"]) for r in rows if r["mechanism"] == mechanism)
+        axes.plot(*zip(*points), marker="o", label=mechanism)
+    axes.set(xlabel="user-level epsilon (delta 1e-5)", ylabel="test accuracy", title="Fashion-MNIST, cross-device")
+    axes.legend()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1000, 10000, 100000])
@@ -179,6 +238,8 @@ def main() -> None:
     parser.add_argument(
         "--frameworks", type=int, nargs="*", help="clients per round to time beside Flower instead (e.g. 10 100 1000)"
     )
+    parser.add_argument("--accuracy", type=float, nargs="*", help="user-level epsilons to train the recipes to")
+    parser.add_argument("--runs", type=Path, default=Path("outputs") / "cross_device_accuracy")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: clients fraction rounds engine
     parser.add_argument("--flower", nargs=2, type=int, help=argparse.SUPPRESS)  # internal: clients rounds
     args = parser.parse_args()
@@ -188,6 +249,16 @@ def main() -> None:
         return
     if args.flower:
         print(json.dumps(flower_cell(*args.flower)))
+        return
+    if args.accuracy is not None:
+        rows = [accuracy_point(m, e, args.runs) for e in args.accuracy or [1, 3] for m in RECIPES]
+        text = accuracy_table(rows)
+        print(text)
+        kept = [r for r in json.loads(args.out.read_text()) if "mechanism" not in r] if args.out.exists() else []
+        args.out.write_text(json.dumps(kept + [dict(r, **machine_info()) for r in rows], indent=2))
+        args.out.with_name(args.out.stem + "_accuracy.md").write_text(text + "\n")
+        accuracy_plot(rows, args.out.with_name(args.out.stem + "_accuracy.png"))
+        print(f"saved {args.out} and {args.out.stem}_accuracy.md, .png")
         return
     rounds = 2 if args.quick else args.rounds
     rows = []
@@ -211,7 +282,8 @@ def main() -> None:
     for row in rows:
         row.update(rounds=rounds, records_per_client=RECORDS_PER_CLIENT, model="seed CNN", **machine)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2))  # a list of rows
+    accuracy = [r for r in json.loads(args.out.read_text()) if "mechanism" in r] if args.out.exists() else []
+    args.out.write_text(json.dumps(rows + accuracy, indent=2))  # a list of rows (the accuracy rows kept)
     args.out.with_suffix(".md").write_text(text + "\n")
     print(f"saved {args.out}, {args.out.with_suffix('.md')}")
 
