@@ -33,6 +33,13 @@ def check_audit(conf: Config) -> None:
             "user-level DP is audited with canary clients, whose updates are Dirac: set audit.canary=dirac",
         )
         require(
+            conf.user_privacy.mechanism == "dp_fedavg",
+            "audit.method",
+            conf.audit.method,
+            "canary clients are Poisson-sampled, not once an epoch as DP-FTRL's accounting assumes: audit "
+            "user_privacy.mechanism=dp_fedavg",
+        )
+        require(
             not conf.secure_aggregation.enabled,
             "audit.method",
             conf.audit.method,

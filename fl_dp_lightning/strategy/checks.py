@@ -59,10 +59,10 @@ def check_options(
             "e.g. 0.1 for epochs of 10 rounds"
         )
     ftrl = user_privacy.enabled and user_privacy.mechanism == "dp_ftrl"
-    if ftrl and client_sampling != "epoch":
+    if ftrl and client_sampling != "epoch" and client_fraction < 1:  # all clients every round: epochs of one
         raise ConfigError(
             f"client_sampling={client_sampling!r} with user_privacy.mechanism=dp_ftrl: its accounting needs each "
-            "client in at most one round of each tree; set client.sampling=epoch"
+            "client in at most one round of each tree; set client.sampling=epoch (or client.fraction=1)"
         )
     if user_privacy.enabled and not ftrl and client_sampling != "poisson" and client_fraction < 1:
         raise ConfigError(

@@ -185,6 +185,10 @@ LOADED = [
         ["audit=one_run", "user_privacy=dpfedavg", "secure_aggregation=on"],
         "audit.method='one_run': canary clients hold no secure-aggregation masks",
     ),
+    (
+        ["audit=one_run", "user_privacy=dpftrl", "client.sampling=epoch", "client.fraction=0.5"],
+        "canary clients are Poisson-sampled, not once an epoch",
+    ),
     (["audit=one_run", f"trainer.ckpt_path={__file__}"], "cannot resume: drop trainer.ckpt_path"),
     (["audit=one_run", "hardware=multi_cpu"], "each process would draw its own canaries"),
     (["audit=one_run", "audit.client=carol"], "audit.client='carol': no such client; choose one of"),
