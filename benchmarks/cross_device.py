@@ -15,7 +15,8 @@ markdown (default benchmarks/results/cross_device.*).
 DP-FTRL twin (``+experiment=cross_device_fmnist_ftrl``) at each user-level target epsilon, each a ``train.py``
 process whose run folder is kept under ``--runs`` (a finished point is read back, not trained again), and adds
 one row per point (``mechanism``, ``user_epsilon``, ``test_acc``) to the JSON beside the scale rows, with a
-markdown table and a plot (``cross_device_accuracy.*``).
+markdown table and a plot (``cross_device_accuracy.*``); ``--mechanisms dp_ftrl`` trains one of them, keeping the
+other rows.
 """
 
 from __future__ import annotations
@@ -239,6 +240,7 @@ def main() -> None:
         "--frameworks", type=int, nargs="*", help="clients per round to time beside Flower instead (e.g. 10 100 1000)"
     )
     parser.add_argument("--accuracy", type=float, nargs="*", help="user-level epsilons to train the recipes to")
+    parser.add_argument("--mechanisms", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--runs", type=Path, default=Path("outputs") / "cross_device_accuracy")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: clients fraction rounds engine
     parser.add_argument("--flower", nargs=2, type=int, help=argparse.SUPPRESS)  # internal: clients rounds
@@ -251,11 +253,15 @@ def main() -> None:
         print(json.dumps(flower_cell(*args.flower)))
         return
     if args.accuracy is not None:
-        rows = [accuracy_point(m, e, args.runs) for e in args.accuracy or [1, 3] for m in RECIPES]
+        rows = [accuracy_point(m, e, args.runs) for e in args.accuracy or [1, 3] for m in args.mechanisms]
+        done = {(r["mechanism"], r["target_epsilon"]) for r in rows}
+        old = json.loads(args.out.read_text()) if args.out.exists() else []
+        kept = [r for r in old if (r.get("mechanism"), r.get("target_epsilon")) not in done]
+        rows = sorted([r for r in kept if "mechanism" in r] + [dict(r, **machine_info()) for r in rows],
+                      key=lambda r: (r["mechanism"], r["target_epsilon"]))  # fmt: skip
         text = accuracy_table(rows)
         print(text)
-        kept = [r for r in json.loads(args.out.read_text()) if "mechanism" not in r] if args.out.exists() else []
-        args.out.write_text(json.dumps(kept + [dict(r, **machine_info()) for r in rows], indent=2))
+        args.out.write_text(json.dumps([r for r in kept if "mechanism" not in r] + rows, indent=2))
         args.out.with_name(args.out.stem + "_accuracy.md").write_text(text + "\n")
         accuracy_plot(rows, args.out.with_name(args.out.stem + "_accuracy.png"))
         print(f"saved {args.out} and {args.out.stem}_accuracy.md, .png")
