@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
@@ -50,23 +50,19 @@ class TreeNoise:
 
     Only the nodes that the latest prefix sum uses are kept (at most ``depth``, one per level): the next prefix
     keeps those above the new node's level and drops those below it.
-
-    Args:
-        draw: a fresh node noise (standard deviation ``z * clip``), shaped as the released sum.
     """
 
-    def __init__(self, draw: Callable[[], Noise]):
-        self.draw = draw
+    def __init__(self) -> None:
         self.leaves = 0
         """Rounds this tree has released."""
         self.nodes: dict[int, Noise] = {}
         """The noise of the nodes in the latest prefix sum, by level."""
 
-    def next(self) -> Noise:
-        """``N(t) - N(t-1)`` for the tree's next round ``t``: the new node's noise minus the nodes it replaces."""
+    def next(self, fresh: Noise) -> Noise:
+        """``N(t) - N(t-1)`` for the tree's next round ``t``, given the new node's noise ``fresh`` (standard
+        deviation ``z * clip``): ``fresh`` minus the nodes it replaces."""
         self.leaves += 1
         level = (self.leaves & -self.leaves).bit_length() - 1  # the new node's level: trailing zeros of t
-        fresh = self.draw()
         dropped = [self.nodes.pop(lower) for lower in range(level)]
         self.nodes[level] = fresh
         return {k: fresh[k] - sum(node[k] for node in dropped) if dropped else fresh[k] for k in fresh}

@@ -38,11 +38,15 @@ def noised_mean(
     generator: torch.Generator,
 ) -> dict[str, Tensor]:
     """``(sum of clipped updates + N(0, (noise_multiplier * clip)^2)) / expected_clients``, tensor by tensor."""
-    std = noise_multiplier * clip
+    noise = gaussian_like(summed, noise_multiplier * clip, generator)
+    return {name: (t + noise[name]) / expected_clients for name, t in summed.items()}
+
+
+def gaussian_like(like: Mapping[str, Tensor], std: float, generator: torch.Generator) -> dict[str, Tensor]:
+    """``N(0, std^2)`` noise shaped, typed and placed as each tensor of ``like``, drawn in its order."""
     return {
-        name: (t + torch.normal(0.0, std, t.shape, generator=generator, dtype=t.dtype, device=t.device))
-        / expected_clients
-        for name, t in summed.items()
+        name: torch.normal(0.0, std, t.shape, generator=generator, dtype=t.dtype, device=t.device)
+        for name, t in like.items()
     }
 
 

@@ -18,6 +18,7 @@ from fl_dp_lightning.privacy.user_level import (
     clip_update,
     fitted_bit,
     fraction_fitted,
+    gaussian_like,
     next_clip,
     noised_count,
     noised_mean,
@@ -72,12 +73,11 @@ class UserLevelDP:
         # amplification by client sampling holds only while who took part stays secret (DP-FTRL claims none)
         self.accounted_rate = 1.0 if config.release_participation or self.ftrl else sample_rate
         self.rounds_per_epoch = round(1 / sample_rate)
-        self.tree = TreeNoise(self._node_noise)
+        self.tree = TreeNoise()
         self.depths: list[int] = []
         """DP-FTRL: the depth each epoch is accounted with (the last one growing with its tree)."""
         self.epoch_rounds = 0
         """DP-FTRL: rounds released in the current epoch (its trees together)."""
-        self._like: dict[str, Tensor] = {}
         self.rounds_released = 0
         self.accountant = make_user_accountant(config.accountant)
         self.noise_multiplier = config.noise_multiplier
@@ -125,23 +125,14 @@ class UserLevelDP:
         self.centred_count += fitted_bit(norm, self.clip)
         return clipped
 
-    def _node_noise(self) -> dict[str, Tensor]:
-        """A tree node's noise, ``N(0, (z * clip)^2)`` per coordinate, shaped as the round's sum."""
-        std = self.noise_multiplier * self.clip
-        return {
-            k: torch.normal(0.0, std, t.shape, generator=self.generator, dtype=t.dtype, device=t.device)
-            for k, t in self._like.items()
-        }
-
     def _release_tree(self, summed: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """DP-FTRL's round: the sum plus ``N(t) - N(t-1)`` of the epoch's tree, over the expected clients; the
         epoch's depth is accounted as its deepest tree so far."""
         if self.epoch_rounds == self.rounds_per_epoch:  # a new epoch: a new tree
-            self.epoch_rounds, self.tree = 0, TreeNoise(self._node_noise)
+            self.epoch_rounds, self.tree = 0, TreeNoise()
         if self.epoch_rounds == 0:
             self.depths.append(0)
-        self._like = dict(summed)
-        noise = self.tree.next()
+        noise = self.tree.next(gaussian_like(summed, self.noise_multiplier * self.clip, self.generator))
         self.epoch_rounds += 1
         self.depths[-1] = max(self.depths[-1], tree_depth(self.tree.leaves))
         self.accountant.history = tree_history(self.noise_multiplier, self.depths)

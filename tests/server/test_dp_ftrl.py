@@ -45,9 +45,9 @@ def test_each_prefix_of_the_released_noise_is_the_sum_of_its_covering_nodes():
         drawn[len(drawn)] = 10.0 ** len(drawn)
         return {"w": torch.tensor([drawn[len(drawn) - 1]], dtype=torch.float64)}
 
-    tree, prefix, order = TreeNoise(draw), 0.0, {}
+    tree, prefix, order = TreeNoise(), 0.0, {}
     for t in range(1, 16):
-        prefix += float(tree.next()["w"])
+        prefix += float(tree.next(draw())["w"])
         order[dyadic_nodes(t)[-1]] = t - 1  # the largest block ending at leaf t is first needed there
         expected = sum(10.0 ** order[node] for node in dyadic_nodes(t))
         assert prefix == pytest.approx(expected, rel=1e-12)
